@@ -1,0 +1,1 @@
+"""modeldeploy operator: reconciles ModelDeployment resources."""

@@ -1,0 +1,97 @@
+"""The `modeldeploy` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    # Imported here: the operator image does not need the local-cluster tooling's dependencies.
+    from modeldeploy_operator.localcluster import build, cluster
+
+    if args.action == "up":
+        cluster.up()
+        print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product"), end="")
+    elif args.action == "down":
+        cluster.down()
+    elif args.action == "kubeconfig":
+        print(cluster.kubeconfig_path())
+    elif args.action == "build":
+        build.build_all()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here: importing the handlers registers them with kopf.
+    import kopf
+    import prometheus_client
+
+    from modeldeploy_operator import handlers
+
+    log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=log_format)
+    prometheus_client.start_http_server(args.metrics_port)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        standalone=True,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+        memo=kopf.Memo(runtime_image=args.runtime_image or handlers.DEFAULT_RUNTIME_IMAGE),
+    )
+    return 0
+
+
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser("run", help="run the operator against the current cluster")
+    run.add_argument(
+        "--namespace",
+        action="append",
+        metavar="NS",
+        help="watch this namespace (repeatable; a glob like 'ml-*' works); default: all",
+    )
+    run.add_argument(
+        "--runtime-image",
+        default=os.environ.get("MODELDEPLOY_RUNTIME_IMAGE"),
+        help="runtime image for ModelDeployments that name none "
+        "(default: $MODELDEPLOY_RUNTIME_IMAGE or the release's image)",
+    )
+    run.add_argument("--log-format", choices=["json", "plain"], default="plain")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
+    run.add_argument("--health-port", type=int, default=8080, help="serves /healthz (default 8080)")
+    run.add_argument(
+        "--metrics-port", type=int, default=9090, help="serves Prometheus /metrics (default 9090)"
+    )
+    run.set_defaults(func=_run)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modeldeploy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cluster = commands.add_parser(
+        "cluster", help="a local Kubernetes control plane (etcd, apiserver, KWOK nodes)"
+    )
+    cluster.add_argument(
+        "action",
+        choices=["up", "down", "kubeconfig", "build"],
+        help="up: start (idempotent), down: stop and delete, kubeconfig: print its path, "
+        "build: only build the binaries",
+    )
+    cluster.set_defaults(func=_cluster)
+    _add_run(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RuntimeError as error:
+        print(f"modeldeploy: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

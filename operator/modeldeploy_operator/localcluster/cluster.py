@@ -1,0 +1,416 @@
+"""A real local Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and KWOK (which simulates the nodes, so pods get scheduled and report Ready).
+
+TLS everywhere, RBAC on, every component under its own identity. The processes run detached and
+outlive the command that started them; their pids, logs and data live in the state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from modeldeploy_operator.localcluster import build, pki
+
+APISERVER_PORT = int(os.environ.get("MODELDEPLOY_CLUSTER_PORT", "16443"))
+_ETCD_CLIENT_PORT = APISERVER_PORT - 4000
+_ETCD_PEER_PORT = _ETCD_CLIENT_PORT + 1
+_ETCD_METRICS_PORT = _ETCD_CLIENT_PORT + 2
+_CONTROLLER_MANAGER_PORT = APISERVER_PORT + 1
+_SCHEDULER_PORT = APISERVER_PORT + 2
+_KWOK_PORT = APISERVER_PORT + 3
+# KWOK gives pods addresses from a loopback range, so a local process can serve "as" a pod.
+POD_CIDR = "127.64.0.0/16"
+_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
+GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
+CPU_NODES = ("kwok-cpu-0", "kwok-cpu-1")
+
+_AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        # Writes are what the tests count; reads and the components' own leases are noise.
+        {"level": "None", "resources": [{"group": "coordination.k8s.io"}]},
+        {"level": "None", "verbs": ["get", "list", "watch"]},
+        {"level": "Metadata"},
+    ],
+}
+
+
+def _log(message: str) -> None:
+    print(f"[modeldeploy cluster] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "admin.kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "logs" / "audit.log"
+
+    def log(self, component: str) -> Path:
+        return self.root / "logs" / f"{component}.log"
+
+    def pid(self, component: str) -> Path:
+        return self.root / "run" / f"{component}.pid"
+
+    def component_kubeconfig(self, stem: str) -> Path:
+        return self.root / f"{stem}.kubeconfig"
+
+
+def paths() -> Paths:
+    return Paths(build.cache_dir() / "cluster")
+
+
+def kubeconfig_path() -> Path:
+    return paths().kubeconfig
+
+
+def _write_kubeconfig(target: Path, state: Paths, client: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "modeldeploy-local",
+                "cluster": {
+                    "server": f"https://127.0.0.1:{APISERVER_PORT}",
+                    "certificate-authority": str(state.pki / "ca.crt"),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": client,
+                "user": {
+                    "client-certificate": str(state.pki / f"{client}.crt"),
+                    "client-key": str(state.pki / f"{client}.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "modeldeploy-local",
+                "context": {"cluster": "modeldeploy-local", "user": client},
+            }
+        ],
+        "current-context": "modeldeploy-local",
+    }
+    target.write_text(yaml.safe_dump(config))
+    target.chmod(0o600)
+
+
+def _pid_alive(path: Path) -> bool:
+    try:
+        os.kill(int(path.read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _https_ok(state: Paths, url: str) -> bool:
+    context = ssl.create_default_context(cafile=str(state.pki / "ca.crt"))
+    context.load_cert_chain(str(state.pki / "admin.crt"), str(state.pki / "admin.key"))
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(
+    what: str, check: Callable[[], bool], timeout: float, state: Paths, component: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not _pid_alive(state.pid(component)):
+            break
+        time.sleep(0.3)
+    tail = state.log(component).read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"{what} did not come up; last lines of {state.log(component)}:\n{tail}")
+
+
+def _start(state: Paths, component: str, argv: list[str]) -> None:
+    state.log(component).parent.mkdir(parents=True, exist_ok=True)
+    state.pid(component).parent.mkdir(parents=True, exist_ok=True)
+    with state.log(component).open("ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    state.pid(component).write_text(str(process.pid))
+
+
+def is_running() -> bool:
+    state = paths()
+    return all(_pid_alive(state.pid(c)) for c in _COMPONENTS) and _https_ok(
+        state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"
+    )
+
+
+def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
+    """Runs the locally built kubectl against the local cluster; returns its stdout."""
+    result = subprocess.run(
+        [str(build.binaries().kubectl), "--kubeconfig", str(kubeconfig_path()), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _node(name: str, gpu: bool) -> dict[str, object]:
+    labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "type": "kwok",
+    }
+    capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+    spec: dict[str, object] = {}
+    if gpu:
+        labels |= {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": GPU_PRODUCT}
+        capacity["nvidia.com/gpu"] = "8"
+        spec["taints"] = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": spec,
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+def _apply_nodes() -> None:
+    nodes = [_node(n, gpu=False) for n in CPU_NODES] + [_node(n, gpu=True) for n in GPU_NODES]
+    kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
+    )
+    kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+
+
+def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
+    p = state.pki
+    _start(
+        state,
+        "etcd",
+        [
+            str(binaries.etcd),
+            "--name=modeldeploy",
+            f"--data-dir={state.root / 'etcd'}",
+            f"--listen-client-urls=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
+            f"--advertise-client-urls=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
+            f"--listen-peer-urls=http://127.0.0.1:{_ETCD_PEER_PORT}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{_ETCD_PEER_PORT}",
+            f"--initial-cluster=modeldeploy=http://127.0.0.1:{_ETCD_PEER_PORT}",
+            f"--listen-metrics-urls=http://127.0.0.1:{_ETCD_METRICS_PORT}",
+            f"--cert-file={p / 'etcd.crt'}",
+            f"--key-file={p / 'etcd.key'}",
+            f"--trusted-ca-file={p / 'ca.crt'}",
+            "--client-cert-auth",
+            # A throwaway local cluster: durability is worth less than speed here.
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
+        ],
+    )
+    etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
+    _wait("etcd", lambda: _http_ok(etcd_health), 60, state, "etcd")
+    (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
+    _start(
+        state,
+        "kube-apiserver",
+        [
+            str(binaries.kube_apiserver),
+            f"--etcd-servers=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
+            f"--etcd-cafile={p / 'ca.crt'}",
+            f"--etcd-certfile={p / 'apiserver-etcd-client.crt'}",
+            f"--etcd-keyfile={p / 'apiserver-etcd-client.key'}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={APISERVER_PORT}",
+            f"--tls-cert-file={p / 'apiserver.crt'}",
+            f"--tls-private-key-file={p / 'apiserver.key'}",
+            f"--client-ca-file={p / 'ca.crt'}",
+            f"--service-account-key-file={p / 'service-account.pub'}",
+            f"--service-account-signing-key-file={p / 'service-account.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            # The "kubernetes" Service endpoints cannot point at a loopback address.
+            "--endpoint-reconciler-type=none",
+            f"--audit-policy-file={state.root / 'audit-policy.yaml'}",
+            f"--audit-log-path={state.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=200",
+            "--audit-log-mode=batch",
+            "--audit-log-batch-max-wait=1s",
+            "--max-requests-inflight=1000",
+            "--max-mutating-requests-inflight=500",
+        ],
+    )
+    _wait(
+        "kube-apiserver",
+        lambda: _https_ok(state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"),
+        180,
+        state,
+        "kube-apiserver",
+    )
+    _start(
+        state,
+        "kube-controller-manager",
+        [
+            str(binaries.kube_controller_manager),
+            f"--kubeconfig={state.component_kubeconfig('controller-manager')}",
+            f"--authentication-kubeconfig={state.component_kubeconfig('controller-manager')}",
+            f"--authorization-kubeconfig={state.component_kubeconfig('controller-manager')}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={_CONTROLLER_MANAGER_PORT}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={p / 'service-account.key'}",
+            f"--root-ca-file={p / 'ca.crt'}",
+            f"--cluster-signing-cert-file={p / 'ca.crt'}",
+            f"--cluster-signing-key-file={p / 'ca.key'}",
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
+            "--concurrent-deployment-syncs=20",
+            "--concurrent-replicaset-syncs=20",
+            "--concurrent-gc-syncs=40",
+            "--kube-api-qps=400",
+            "--kube-api-burst=800",
+        ],
+    )
+    _start(
+        state,
+        "kube-scheduler",
+        [
+            str(binaries.kube_scheduler),
+            f"--kubeconfig={state.component_kubeconfig('scheduler')}",
+            f"--authentication-kubeconfig={state.component_kubeconfig('scheduler')}",
+            f"--authorization-kubeconfig={state.component_kubeconfig('scheduler')}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={_SCHEDULER_PORT}",
+            "--leader-elect=false",
+            "--kube-api-qps=400",
+            "--kube-api-burst=800",
+        ],
+    )
+    _start(
+        state,
+        "kwok",
+        [
+            str(binaries.kwok),
+            f"--kubeconfig={state.component_kubeconfig('kwok')}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--cidr={POD_CIDR}",
+            "--node-ip=127.0.0.1",
+            f"--server-address=127.0.0.1:{_KWOK_PORT}",
+            "--node-lease-duration-seconds=40",
+        ],
+    )
+
+
+def up() -> Paths:
+    """Brings the cluster up (building binaries first if needed); a running one is reused."""
+    started = time.monotonic()
+    binaries = build.build_all()
+    state = paths()
+    if is_running():
+        _log(f"already running; kubeconfig: {state.kubeconfig}")
+        _apply_nodes()
+        return state
+    _stop_processes(state)
+    if not (state.pki / "ca.crt").is_file():
+        pki.generate(state.pki)
+        _write_kubeconfig(state.kubeconfig, state, "admin")
+        for stem in ("controller-manager", "scheduler", "kwok"):
+            _write_kubeconfig(state.component_kubeconfig(stem), state, stem)
+    _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok")
+    _start_control_plane(state, binaries)
+    _apply_nodes()
+    _log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {state.kubeconfig}")
+    return state
+
+
+def _stop_processes(state: Paths) -> None:
+    alive: list[int] = []
+    for component in reversed(_COMPONENTS):
+        pid_file = state.pid(component)
+        if _pid_alive(pid_file):
+            pid = int(pid_file.read_text())
+            os.killpg(pid, signal.SIGTERM)
+            alive.append(pid)
+        pid_file.unlink(missing_ok=True)
+    deadline = time.monotonic() + 15
+    for pid in alive:
+        while time.monotonic() < deadline and _process_exists(pid):
+            time.sleep(0.1)
+        if _process_exists(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def down() -> None:
+    """Stops every component and removes the cluster's data, so the next `up` starts clean."""
+    state = paths()
+    _stop_processes(state)
+    if state.root.is_dir():
+        subprocess.run(["rm", "-rf", str(state.root)], check=True)
+    _log("down")

@@ -1,0 +1,384 @@
+"""The ModelDeployment API (modeldeploy.io/v1alpha1) as pydantic models.
+
+These models are the one source of truth for the CRD: `crd.py` generates the OpenAPI schema
+(descriptions, defaults, CEL rules) from them, and the operator parses every object with them.
+The CEL rules run in the API server; the Python validators repeat them for objects that never
+went through it (for example `modeldeploy serve -f md.yaml`). This module imports nothing else
+of ours.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "modeldeploy.io"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SHORT_NAME = "md"
+
+URI_SCHEMES = ("https", "http", "s3", "gs", "pvc", "file")
+_URI_PATTERN = rf"^({'|'.join(URI_SCHEMES)})://.+$"
+_URI_MESSAGE = "must start with one of " + ", ".join(f"{s}://" for s in URI_SCHEMES)
+_SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+_URI_MAX_LENGTH = 2048
+
+Quantization = Literal["none", "dynamic-int8", "static-int8"]
+AutoscalingMetric = Literal["cpu", "memory", "concurrency"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+# A Kubernetes quantity ("500m", "2Gi", 4) or, for a disruption budget, a count or "50%".
+IntOrString = int | str
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    validation = {"rule": rule, "message": message}
+    if field_path is not None:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+def _validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def _check_uri(value: str | None) -> str | None:
+    if value is not None and not re.match(_URI_PATTERN, value):
+        raise ValueError(_URI_MESSAGE)
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        extra="forbid",
+        protected_namespaces=(),
+    )
+
+
+class ModelSource(_Model):
+    """Where the model comes from and what it is called."""
+
+    uri: str = Field(
+        max_length=_URI_MAX_LENGTH,
+        description="Location of the .onnx file: https://, http://, s3://, gs://, "
+        "pvc://<claim>/<path> or file:// (local use).",
+        json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
+    )
+    sha256: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Expected SHA-256 of the file (64 hex digits); a mismatch means the model "
+        "is never served.",
+        json_schema_extra=_validations(
+            _cel(f"self.matches('{_SHA256_PATTERN}')", "must be 64 hexadecimal digits")
+        ),
+    )
+    version: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Model version, shown in status, pod labels and metrics (a label value).",
+    )
+    name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name under /v2/models/<name>; defaults to metadata.name.",
+    )
+
+    _uri = field_validator("uri")(_check_uri)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(_SHA256_PATTERN, value):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value
+
+
+class RuntimeSettings(_Model):
+    """How the runtime serves the model."""
+
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Runtime image; defaults to the operator's configured runtime image.",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Largest batch the dynamic batcher forms."
+    )
+    max_batch_delay_ms: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Longest time a request waits for others to share its batch.",
+    )
+    max_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Queued requests beyond this get 429 / RESOURCE_EXHAUSTED.",
+    )
+    threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Inference threads; 0 derives them from the CPU limit.",
+    )
+
+
+class Autoscaling(_Model):
+    """A HorizontalPodAutoscaler owns the replica count."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "self.minReplicas <= self.maxReplicas",
+                "minReplicas must not exceed maxReplicas",
+                ".minReplicas",
+            )
+        )
+    )
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(default=10, ge=1, le=1000, description="Most replicas.")
+    metric: AutoscalingMetric = Field(
+        default="cpu",
+        description="cpu or memory (utilisation of the request) or concurrency "
+        "(in-flight requests per pod).",
+    )
+    target: int = Field(
+        default=70,
+        ge=1,
+        description="Target: percent of the request for cpu/memory, in-flight requests per pod "
+        "for concurrency.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class Resources(_Model):
+    """Compute resources of the serving container."""
+
+    requests: dict[str, IntOrString] | None = Field(
+        default=None, description="Resource requests, for example cpu: '1', memory: 1Gi."
+    )
+    limits: dict[str, IntOrString] | None = Field(
+        default=None, description="Resource limits, for example memory: 2Gi."
+    )
+
+
+class Accelerator(_Model):
+    """NVIDIA GPUs for the serving container."""
+
+    count: int = Field(default=1, ge=1, le=16, description="GPUs per pod (nvidia.com/gpu).")
+    product: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Required GPU model, matched against the node label nvidia.com/gpu.product.",
+    )
+
+
+class ServiceSettings(_Model):
+    """The Service in front of the runtime pods."""
+
+    type: ServiceType = Field(default="ClusterIP", description="Service type.")
+
+
+class IngressSettings(_Model):
+    """An Ingress to the HTTP port; absent means no Ingress."""
+
+    host: str = Field(max_length=253, description="Host name the Ingress serves.")
+    path: str = Field(
+        default="/", max_length=1024, pattern=r"^/", description="Path prefix the Ingress serves."
+    )
+    class_name: str | None = Field(default=None, max_length=253, description="IngressClass.")
+    tls_secret_name: str | None = Field(
+        default=None, max_length=253, description="Secret with the TLS certificate for the host."
+    )
+
+
+class DisruptionBudget(_Model):
+    """A PodDisruptionBudget; give exactly one of its fields."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "has(self.minAvailable) != has(self.maxUnavailable)",
+                "give exactly one of minAvailable and maxUnavailable",
+            )
+        )
+    )
+
+    min_available: IntOrString | None = Field(
+        default=None, description="Pods that must stay available (a count or a percentage)."
+    )
+    max_unavailable: IntOrString | None = Field(
+        default=None, description="Pods that may be unavailable (a count or a percentage)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DisruptionBudget:
+        if (self.min_available is None) == (self.max_unavailable is None):
+            raise ValueError("give exactly one of minAvailable and maxUnavailable")
+        return self
+
+
+class NetworkPolicySettings(_Model):
+    """A NetworkPolicy admitting traffic to the serving ports only."""
+
+    allow_from: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=64,
+        description="NetworkPolicyPeers allowed to connect; absent or empty allows any source.",
+    )
+
+
+class ModelDeploymentSpec(_Model):
+    """The desired state: one model served by a set of runtime pods."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "!(has(self.replicas) && has(self.autoscaling))",
+                "replicas and autoscaling are mutually exclusive: with autoscaling the "
+                "HorizontalPodAutoscaler owns the replica count",
+                ".replicas",
+            ),
+            _cel(
+                "self.quantization != 'static-int8' || has(self.calibrationUri)",
+                "calibrationUri is required when quantization is static-int8",
+                ".calibrationUri",
+            ),
+        )
+    )
+
+    model: ModelSource = Field(description="The model to serve.")
+    quantization: Quantization = Field(
+        default="none", description="INT8 quantization applied by the runtime at load."
+    )
+    calibration_uri: str | None = Field(
+        default=None,
+        max_length=_URI_MAX_LENGTH,
+        description="Sample inputs (.npz) for static-int8 calibration; same schemes as model.uri.",
+        json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
+    )
+    runtime: RuntimeSettings = Field(
+        default=RuntimeSettings(), description="Runtime image and batching settings."
+    )
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Pods without autoscaling; absent means 1. Also the scale subresource.",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Autoscaling; when set the operator never sets replicas."
+    )
+    resources: Resources | None = Field(
+        default=None, description="Resources of the serving container."
+    )
+    accelerator: Accelerator | None = Field(default=None, description="GPUs for the model.")
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node labels; merged with the accelerator's."
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Pod tolerations; GPU models also get the nvidia.com/gpu NoSchedule one.",
+    )
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity.")
+    service: ServiceSettings = Field(
+        default=ServiceSettings(), description="The Service in front of the pods."
+    )
+    ingress: IngressSettings | None = Field(default=None, description="An optional Ingress.")
+    disruption_budget: DisruptionBudget | None = Field(
+        default=None, description="An optional PodDisruptionBudget."
+    )
+    network_policy: NetworkPolicySettings | None = Field(
+        default=None, description="An optional NetworkPolicy."
+    )
+
+    _calibration_uri = field_validator("calibration_uri")(_check_uri)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ModelDeploymentSpec:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("replicas and autoscaling are mutually exclusive")
+        if self.quantization == "static-int8" and self.calibration_uri is None:
+            raise ValueError("calibrationUri is required when quantization is static-int8")
+        return self
+
+
+class Condition(_Model):
+    """A kstatus condition."""
+
+    type: str = Field(max_length=64, description="Ready, Reconciling or Stalled.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=128, description="Why, in one CamelCase word.")
+    message: str = Field(max_length=4096, description="What a person can act on.")
+    last_transition_time: str = Field(
+        json_schema_extra={"format": "date-time"},
+        description="When status last changed.",
+    )
+
+
+class ModelStatus(_Model):
+    """The model the current generation serves."""
+
+    uri: str = Field(description="Model URI.")
+    sha256: str | None = Field(default=None, description="Expected SHA-256.")
+    version: str | None = Field(default=None, description="Model version.")
+    quantization: Quantization = Field(description="Quantization applied at load.")
+
+
+class MetricsStatus(_Model):
+    """Traffic summarised from the runtime pods' metrics."""
+
+    requests_per_second: float | None = Field(default=None, description="Requests per second.")
+    latency_p50_ms: float | None = Field(default=None, description="Median latency (ms).")
+    latency_p99_ms: float | None = Field(default=None, description="99th percentile latency (ms).")
+    mean_batch_size: float | None = Field(default=None, description="Mean batch size.")
+    error_rate: float | None = Field(default=None, description="Failed / all requests.")
+    updated_at: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When computed."
+    )
+
+
+class ModelDeploymentStatus(_Model):
+    """The observed state, written by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Ready, Reconciling and Stalled (kstatus conventions).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    replicas: int | None = Field(default=None, description="Pods of the Deployment.")
+    ready_replicas: int | None = Field(default=None, description="Ready pods.")
+    updated_replicas: int | None = Field(default=None, description="Pods of the current spec.")
+    replica_summary: str | None = Field(
+        default=None, description="Ready/desired pods, for kubectl get."
+    )
+    url: str | None = Field(default=None, description="Where to send inference requests.")
+    model: ModelStatus | None = Field(default=None, description="The model being served.")
+    metrics: MetricsStatus | None = Field(
+        default=None, description="Traffic summary from the runtime pods."
+    )
+    kopf: dict[str, Any] | None = Field(
+        default=None, description="The operator framework's own bookkeeping."
+    )

@@ -1,0 +1,225 @@
+"""Pure status computation: what the children and pods say about a ModelDeployment.
+
+Conditions follow the kstatus conventions (Ready, Reconciling, Stalled), so that Flux, Argo CD
+and `kubectl wait --for=condition=Ready` understand them without configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from modeldeploy_operator import builders
+from modeldeploy_operator import spec as api
+
+Object = dict[str, Any]
+_MESSAGE_LIMIT = 1024
+# Deployment condition reason that means the rollout gave up (progressDeadlineSeconds passed).
+_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+# Waiting reasons that keep a container from ever starting without a change by someone.
+_BROKEN_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the status is computed from; gathered by the reconciler."""
+
+    owner: builders.Owner
+    generation: int
+    spec: api.ModelDeploymentSpec | None
+    spec_error: str | None = None
+    apply_error: str | None = None
+    deployment: Object | None = None
+    pods: list[Object] = field(default_factory=list)
+    previous: list[Object] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ready: bool
+    stalled: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+def compute(observation: Observation, now: str) -> api.ModelDeploymentStatus:
+    verdict = _verdict(observation)
+    previous = {c.get("type"): c for c in observation.previous}
+    conditions = [
+        _condition("Ready", verdict.ready, verdict.reason, verdict.message, previous, now),
+        _condition(
+            "Reconciling",
+            not verdict.ready and not verdict.stalled,
+            verdict.reason,
+            verdict.message,
+            previous,
+            now,
+        ),
+        _condition("Stalled", verdict.stalled, verdict.reason, verdict.message, previous, now),
+    ]
+    status = api.ModelDeploymentStatus(
+        observed_generation=observation.generation, conditions=conditions
+    )
+    spec = observation.spec
+    if spec is None:
+        return status
+    deployment_status = (observation.deployment or {}).get("status", {})
+    ready = deployment_status.get("readyReplicas", 0)
+    return status.model_copy(
+        update={
+            "replicas": deployment_status.get("replicas", 0),
+            "ready_replicas": ready,
+            "updated_replicas": deployment_status.get("updatedReplicas", 0),
+            "replica_summary": f"{ready}/{_desired_replicas(spec, observation.deployment)}",
+            "url": builders.url(observation.owner, spec),
+            "model": api.ModelStatus(
+                uri=spec.model.uri,
+                sha256=spec.model.sha256,
+                version=spec.model.version,
+                quantization=spec.quantization,
+            ),
+        }
+    )
+
+
+def transition(previous: list[Object], current: api.ModelDeploymentStatus) -> Event | None:
+    """The Event to emit when readiness changed (its status or its reason), else None."""
+    before = next((c for c in previous if c.get("type") == "Ready"), {})
+    ready = next(c for c in current.conditions if c.type == "Ready")
+    if (before.get("status"), before.get("reason")) == (ready.status, ready.reason):
+        return None
+    stalled = any(c.type == "Stalled" and c.status == "True" for c in current.conditions)
+    warning = stalled or ready.reason == "PodsUnschedulable"
+    return Event("Warning" if warning else "Normal", ready.reason, ready.message)
+
+
+def _condition(
+    kind: str, value: bool, reason: str, message: str, previous: dict[Any, Object], now: str
+) -> api.Condition:
+    status: api.ConditionStatus = "True" if value else "False"
+    before = previous.get(kind, {})
+    since = before.get("lastTransitionTime") if before.get("status") == status else None
+    return api.Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message[:_MESSAGE_LIMIT],
+        last_transition_time=since or now,
+    )
+
+
+def _desired_replicas(spec: api.ModelDeploymentSpec, deployment: Object | None) -> int:
+    if spec.autoscaling is not None:
+        replicas: int = (deployment or {}).get("spec", {}).get("replicas", 0)
+        return replicas
+    return 1 if spec.replicas is None else spec.replicas
+
+
+def _verdict(observation: Observation) -> Verdict:
+    spec = observation.spec
+    if spec is None:
+        return Verdict(False, True, "InvalidSpec", f"invalid spec: {observation.spec_error}")
+    if observation.apply_error:
+        return Verdict(False, True, "ApplyFailed", observation.apply_error)
+    deployment = observation.deployment
+    if deployment is None:
+        return Verdict(False, False, "Progressing", "waiting for the Deployment to be created")
+
+    current_pods = [
+        pod
+        for pod in observation.pods
+        if not pod["metadata"].get("deletionTimestamp")
+        and pod["metadata"].get("annotations", {}).get(builders.ANNOTATION_MODEL_DIGEST)
+        == builders.model_digest(spec)
+    ]
+    failure = _pod_failure(current_pods)
+    if failure:
+        return failure
+
+    desired = _desired_replicas(spec, deployment)
+    status = deployment.get("status", {})
+    ready = status.get("readyReplicas", 0)
+    progress = f"{ready}/{desired} replicas ready"
+    for condition in status.get("conditions", []):
+        if condition.get("reason") == _DEADLINE_EXCEEDED:
+            return Verdict(False, True, _DEADLINE_EXCEEDED, f"{progress}: {condition['message']}")
+
+    rolled_out = (
+        status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+        and status.get("updatedReplicas", 0) == desired
+        and status.get("replicas", 0) == desired
+        and ready == desired
+        and status.get("availableReplicas", 0) == desired
+    )
+    if rolled_out:
+        return Verdict(True, False, "Available", progress if desired else "scaled to zero")
+    return _waiting(current_pods, progress)
+
+
+def _pod_failure(pods: list[Object]) -> Verdict | None:
+    """A pod of the current model whose model cannot be fetched or loaded, or image pulled."""
+    for pod in pods:
+        pod_status = pod.get("status", {})
+        for statuses, reason in (
+            (pod_status.get("initContainerStatuses", []), "ModelFetchFailed"),
+            (pod_status.get("containerStatuses", []), "ModelLoadFailed"),
+        ):
+            for container in statuses:
+                state = container.get("state", {})
+                waiting = state.get("waiting", {})
+                terminated = state.get("terminated") or container.get("lastState", {}).get(
+                    "terminated"
+                )
+                crashed = terminated and terminated.get("exitCode", 0) != 0
+                if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull"):
+                    return Verdict(
+                        False,
+                        True,
+                        "ImagePullFailed",
+                        f"{container['name']}: {waiting.get('message', waiting['reason'])}",
+                    )
+                if crashed and (waiting.get("reason") in _BROKEN_WAITING or "terminated" in state):
+                    detail = terminated.get("message") or terminated.get("reason", "error")
+                    return Verdict(
+                        False,
+                        True,
+                        reason,
+                        f"{container['name']} exited with {terminated['exitCode']}: "
+                        f"{detail.strip()}",
+                    )
+    return None
+
+
+def _waiting(pods: list[Object], progress: str) -> Verdict:
+    """Why a rollout is not done yet, from the first pod that says so."""
+    for pod in pods:
+        pod_status = pod.get("status", {})
+        for condition in pod_status.get("conditions", []):
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                return Verdict(
+                    False,
+                    False,
+                    "PodsUnschedulable",
+                    f"{progress}, pods Pending: {condition.get('message', '').strip()}",
+                )
+        containers = pod_status.get("initContainerStatuses", []) + pod_status.get(
+            "containerStatuses", []
+        )
+        for container in containers:
+            waiting = container.get("state", {}).get("waiting", {})
+            if waiting.get("reason") not in (None, "PodInitializing", "ContainerCreating"):
+                return Verdict(
+                    False,
+                    False,
+                    "PodsNotReady",
+                    f"{progress}, {container['name']} waiting: {waiting['reason']}: "
+                    f"{waiting.get('message', '')}".rstrip(": "),
+                )
+    return Verdict(False, False, "RollingOut", progress)

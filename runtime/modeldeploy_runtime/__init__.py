@@ -1,0 +1,1 @@
+"""modeldeploy runtime: serves one ONNX model over the Open Inference Protocol."""

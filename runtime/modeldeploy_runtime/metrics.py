@@ -1,0 +1,142 @@
+"""Prometheus metrics, served on ``GET /metrics`` of the HTTP port.
+
+These names and labels are a contract: the operator summarises them into
+``status.metrics`` and the Grafana dashboard queries them.  Every series carries
+``model`` (the served model name).
+
+``modeldeploy_requests_total{model, protocol, outcome}`` (counter)
+    Inference requests; ``protocol`` is ``http`` or ``grpc``; ``outcome`` is
+    ``success``, ``client_error`` (bad input, 4xx / INVALID_ARGUMENT / NOT_FOUND),
+    ``rejected`` (queue full, 429 / RESOURCE_EXHAUSTED) or ``server_error``.
+``modeldeploy_request_duration_seconds{model, protocol}`` (histogram)
+    End-to-end server-side latency of an inference request, decoding included.
+``modeldeploy_batch_size{model}`` (histogram, buckets 1..256 in powers of two)
+    Examples per executed batch.
+``modeldeploy_queue_duration_seconds{model}`` (histogram)
+    Time a request waited in the batch queue before its batch started.
+``modeldeploy_inference_duration_seconds{model}`` (histogram)
+    Time of one ONNX Runtime run of a whole batch.
+``modeldeploy_inflight_requests{model}`` (gauge)
+    Inference requests received and not yet answered.
+``modeldeploy_model_info{model, version, quantization, device}`` (gauge, always 1)
+    What is served: ``quantization`` is ``none``, ``dynamic-int8`` or ``static-int8``;
+    ``device`` is ``cpu`` or ``cuda``.
+``modeldeploy_quantization_top1_agreement{model}`` (gauge, 0..1; quantized models only)
+    Share of sample inputs whose arg-max of the first output agrees with FP32.
+``modeldeploy_quantization_max_abs_error{model}`` (gauge; quantized models only)
+    Largest absolute difference of the first output against FP32 on those samples.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import prometheus_client as prom
+
+# The per-series `_created` samples would double the exposition and nothing reads them.
+prom.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Protocol(enum.StrEnum):
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+class Outcome(enum.StrEnum):
+    SUCCESS = "success"
+    CLIENT_ERROR = "client_error"
+    REJECTED = "rejected"
+    SERVER_ERROR = "server_error"
+
+
+class ModelMetrics:
+    """The series of one served model, in a registry of its own (one per server)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self._requests = prom.Counter(
+            "modeldeploy_requests",
+            "Inference requests by protocol and outcome.",
+            ["model", "protocol", "outcome"],
+            registry=r,
+        )
+        self._request_duration = prom.Histogram(
+            "modeldeploy_request_duration_seconds",
+            "Server-side latency of inference requests.",
+            ["model", "protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = prom.Histogram(
+            "modeldeploy_batch_size",
+            "Examples per executed batch.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.queue_duration = prom.Histogram(
+            "modeldeploy_queue_duration_seconds",
+            "Time requests waited in the batch queue.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.inference_duration = prom.Histogram(
+            "modeldeploy_inference_duration_seconds",
+            "Time of one ONNX Runtime run of a batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.inflight = prom.Gauge(
+            "modeldeploy_inflight_requests",
+            "Inference requests being handled.",
+            ["model"],
+            registry=r,
+        ).labels(model_name)
+        self._info = prom.Gauge(
+            "modeldeploy_model_info",
+            "The served model; always 1.",
+            ["model", "version", "quantization", "device"],
+            registry=r,
+        )
+        self._top1 = prom.Gauge(
+            "modeldeploy_quantization_top1_agreement",
+            "Top-1 agreement of the quantized model with FP32 on sample inputs.",
+            ["model"],
+            registry=r,
+        )
+        self._max_abs_error = prom.Gauge(
+            "modeldeploy_quantization_max_abs_error",
+            "Largest absolute output difference of the quantized model against FP32.",
+            ["model"],
+            registry=r,
+        )
+        self._model = model_name
+        # Children resolved once: label lookups are measurable on the hot path.
+        self._request_counters = {
+            (p, o): self._requests.labels(model_name, p.value, o.value)
+            for p in Protocol
+            for o in Outcome
+        }
+        self._durations = {p: self._request_duration.labels(model_name, p.value) for p in Protocol}
+
+    def observe_request(self, protocol: Protocol, outcome: Outcome, seconds: float) -> None:
+        self._request_counters[protocol, outcome].inc()
+        self._durations[protocol].observe(seconds)
+
+    def set_model_info(self, version: str, quantization: str, device: str) -> None:
+        self._info.labels(self._model, version, quantization, device).set(1)
+
+    def set_quantization_accuracy(self, top1_agreement: float, max_abs_error: float) -> None:
+        self._top1.labels(self._model).set(top1_agreement)
+        self._max_abs_error.labels(self._model).set(max_abs_error)
+
+    def exposition(self) -> bytes:
+        return prom.generate_latest(self.registry)

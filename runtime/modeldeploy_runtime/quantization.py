@@ -1,0 +1,164 @@
+"""INT8 quantization at load time, cached by content hash, with its accuracy measured.
+
+The cached model is written beside the original (``<stem>.<mode>.<hash>.onnx``) when
+that directory is writable, otherwise into the cache directory (the pod's root
+filesystem is read-only; the model lives on a shared volume).  The hash covers the
+model, the calibration samples, the mode and the ONNX Runtime version, so a changed
+input never reuses a stale result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime import quantization as ortq
+
+from modeldeploy_runtime import model, settings
+
+logger = logging.getLogger(__name__)
+
+
+# Enough for a stable percentage without delaying readiness by much.
+_MAX_COMPARED = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    top1_agreement: float
+    max_abs_error: float
+    samples: int
+
+
+def quantize(
+    source: Path,
+    mode: settings.Quantization,
+    calibration: dict[str, model.Array] | None,
+    cache_dir: Path,
+) -> Path:
+    """The quantized model's path; quantizes only when no cached result exists."""
+    digest = _cache_key(source, mode, calibration)
+    name = f"{source.stem}.{mode.value}.{digest[:16]}.onnx"
+    candidates = [source.parent / name, cache_dir / name]
+    for candidate in candidates:
+        if candidate.exists():
+            logger.info("reusing quantized model %s", candidate)
+            return candidate
+    target_dir = source.parent if os.access(source.parent, os.W_OK) else cache_dir
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / name
+    logger.info("quantizing %s (%s) into %s", source, mode.value, target)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=target_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if mode is settings.Quantization.DYNAMIC_INT8:
+            ortq.quantize_dynamic(source, tmp, weight_type=ortq.QuantType.QInt8)
+        else:
+            if calibration is None:
+                raise ValueError("static-int8 quantization needs calibration samples")
+            # U8 activations with S8 weights is what the x86 INT8 kernels are fastest at.
+            ortq.quantize_static(
+                source,
+                tmp,
+                _SampleReader(calibration),
+                quant_format=ortq.QuantFormat.QDQ,
+                activation_type=ortq.QuantType.QUInt8,
+                weight_type=ortq.QuantType.QInt8,
+                per_channel=True,
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _cache_key(
+    source: Path, mode: settings.Quantization, calibration: dict[str, model.Array] | None
+) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{mode.value}\0{ort.__version__}\0".encode())
+    with source.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    if mode is settings.Quantization.STATIC_INT8 and calibration:
+        for name in sorted(calibration):
+            array = np.ascontiguousarray(calibration[name])
+            digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class _SampleReader(ortq.CalibrationDataReader):  # type: ignore[misc]
+    """Feeds the calibration samples one example at a time."""
+
+    def __init__(self, samples: dict[str, model.Array]) -> None:
+        self._rows: Iterator[dict[str, model.Array]] = (
+            {name: array[i : i + 1] for name, array in samples.items()}
+            for i in range(_rows(samples))
+        )
+
+    def get_next(self) -> dict[str, model.Array] | None:
+        return next(self._rows, None)
+
+
+def _rows(samples: dict[str, model.Array]) -> int:
+    return min(len(array) for array in samples.values())
+
+
+def load_samples(path: Path, inputs: tuple[model.TensorSpec, ...]) -> dict[str, model.Array]:
+    """Sample inputs from an ``.npz`` keyed by input name (or one array for one input)."""
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    names = [spec.name for spec in inputs]
+    if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing = sorted(set(names) - arrays.keys())
+    if missing:
+        raise ValueError(
+            f"calibration file {path} lacks inputs {missing}; it has arrays {sorted(arrays)}"
+        )
+    samples = {
+        spec.name: arrays[spec.name].astype(model.DATATYPES[spec.datatype]) for spec in inputs
+    }
+    if _rows(samples) == 0:
+        raise ValueError(f"calibration file {path} holds no samples")
+    return samples
+
+
+def random_samples(inputs: tuple[model.TensorSpec, ...], rows: int = 64) -> dict[str, model.Array]:
+    """Stand-in samples when none are given: a fixed seed keeps the measurement repeatable."""
+    rng = np.random.default_rng(0)
+    samples: dict[str, model.Array] = {}
+    for spec in inputs:
+        shape = [rows, *(max(d, 1) for d in spec.shape[1:])]
+        dtype = model.DATATYPES[spec.datatype]
+        samples[spec.name] = (
+            rng.standard_normal(shape).astype(dtype)
+            if np.issubdtype(dtype, np.floating)
+            else np.zeros(shape, dtype)
+        )
+    return samples
+
+
+def compare(
+    reference: model.OnnxModel, quantized: model.OnnxModel, samples: dict[str, model.Array]
+) -> Accuracy:
+    """Top-1 agreement and largest absolute error of the first output, one example at a time."""
+    rows = min(_rows(samples), _MAX_COMPARED)
+    agree = 0
+    max_error = 0.0
+    for i in range(rows):
+        row = {name: array[i : i + 1] for name, array in samples.items()}
+        expected = reference.predict(row)[0].astype(np.float64)
+        actual = quantized.predict(row)[0].astype(np.float64)
+        max_error = max(max_error, float(np.max(np.abs(expected - actual), initial=0.0)))
+        agree += bool(np.array_equal(np.argmax(expected, axis=-1), np.argmax(actual, axis=-1)))
+    return Accuracy(agree / rows, max_error, rows)

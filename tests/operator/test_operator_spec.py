@@ -1,0 +1,62 @@
+"""The ModelDeployment models: defaults and the rules the API server also enforces (CEL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+import pytest
+
+from modeldeploy_operator import spec as api
+
+SHA = "a" * 64
+
+
+def _spec(**fields: Any) -> api.ModelDeploymentSpec:
+    return api.ModelDeploymentSpec.model_validate(
+        {"model": {"uri": "s3://models/iris/3/model.onnx"}, **fields}
+    )
+
+
+def test_defaults_follow_the_design() -> None:
+    spec = _spec()
+    assert spec.quantization == "none"
+    assert spec.replicas is None
+    assert spec.runtime.max_batch_size == 32
+    assert spec.runtime.max_batch_delay_ms == 5
+    assert spec.runtime.max_queue_size == 1024
+    assert spec.runtime.threads == 0
+    assert spec.service.type == "ClusterIP"
+
+
+def test_camel_case_names_round_trip() -> None:
+    spec = _spec(calibrationUri="gs://b/c.npz", quantization="static-int8")
+    dumped = spec.model_dump(by_alias=True, exclude_none=True)
+    assert dumped["calibrationUri"] == "gs://b/c.npz"
+    assert "maxBatchSize" in dumped["runtime"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"model": {"uri": "ftp://x/model.onnx"}}, "must start with one of"),
+        ({"model": {"uri": "s3://b/m.onnx", "sha256": "abc"}}, "64 hexadecimal digits"),
+        ({"replicas": 2, "autoscaling": {}}, "mutually exclusive"),
+        ({"quantization": "static-int8"}, "calibrationUri is required"),
+        ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas must not exceed"),
+        ({"disruptionBudget": {}}, "exactly one of minAvailable"),
+        ({"quantization": "int4"}, "quantization"),
+        ({"unknownField": 1}, "unknownField"),
+    ],
+)
+def test_invalid_specs_are_rejected_with_the_field(fields: dict[str, Any], needle: str) -> None:
+    body = {"model": {"uri": "s3://models/iris/3/model.onnx"}} | fields
+    with pytest.raises(pydantic.ValidationError, match=needle):
+        api.ModelDeploymentSpec.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    "uri", ["https://h/m.onnx", "http://h/m.onnx", "s3://b/m", "gs://b/m", "pvc://c/p", "file:///m"]
+)
+def test_every_supported_scheme_is_accepted(uri: str) -> None:
+    assert _spec(model={"uri": uri, "sha256": SHA.upper()}).model.uri == uri

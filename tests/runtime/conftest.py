@@ -1,0 +1,31 @@
+"""Fixtures of the runtime tests: small real ONNX models written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from runtime_fixtures import HEAVY_FEATURES, MLP_CLASSES, MLP_FEATURES, mlp_layers
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mlp_model(models_dir: Path) -> Path:
+    """The small classifier, with a dynamic batch dimension."""
+    return mlp_layers(models_dir / "mlp.onnx", [MLP_FEATURES, 32, MLP_CLASSES], seed=1)
+
+
+@pytest.fixture(scope="session")
+def fixed_model(models_dir: Path) -> Path:
+    """The same shape of classifier with a fixed batch of 1: it cannot be batched."""
+    return mlp_layers(models_dir / "fixed.onnx", [MLP_FEATURES, 16, MLP_CLASSES], 2, batch=1)
+
+
+@pytest.fixture(scope="session")
+def heavy_model(models_dir: Path) -> Path:
+    """A wider MatMul stack: enough work per example for quantization to matter."""
+    return mlp_layers(models_dir / "heavy.onnx", [HEAVY_FEATURES, 512, 512, 10], seed=3)

@@ -1,0 +1,165 @@
+"""``modeldeploy-runtime fetch`` against real local servers: HTTP, S3 (moto), GCS (emulator)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from gcp_storage_emulator.server import create_server as create_gcs_emulator
+from google.cloud import storage
+from moto.server import ThreadedMotoServer
+from runtime_fixtures import free_port, runtime_command
+
+from modeldeploy_runtime import fetch
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    failures_left = 0
+
+    def do_GET(self) -> None:
+        if self.path != "/models/model.onnx":
+            self.send_error(404)
+            return
+        if _Handler.failures_left > 0:
+            _Handler.failures_left -= 1
+            self.send_error(503, "warming up")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_http_download_is_verified_and_atomic(http_server: str, tmp_path: Path) -> None:
+    path = fetch.fetch(f"{http_server}/models/model.onnx", tmp_path, DIGEST, pvc_root=tmp_path)
+    assert path == tmp_path / "model.onnx"
+    assert path.read_bytes() == PAYLOAD
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left
+
+
+def test_transient_http_errors_are_retried(
+    http_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "FIRST_BACKOFF_S", 0.01)
+    _Handler.failures_left = 2
+    path = fetch.fetch(f"{http_server}/models/model.onnx", tmp_path, DIGEST, pvc_root=tmp_path)
+    assert path.read_bytes() == PAYLOAD
+    assert _Handler.failures_left == 0
+
+
+def test_http_404_is_not_retried(http_server: str, tmp_path: Path) -> None:
+    with pytest.raises(fetch.FetchError, match="HTTP 404"):
+        fetch.fetch(f"{http_server}/models/missing.onnx", tmp_path, None, pvc_root=tmp_path)
+
+
+def test_sha256_mismatch_exits_non_zero_with_both_digests(http_server: str, tmp_path: Path) -> None:
+    wrong = "0" * 64
+    result = subprocess.run(
+        runtime_command(
+            "fetch",
+            "--uri",
+            f"{http_server}/models/model.onnx",
+            "--sha256",
+            wrong,
+            "--dest",
+            str(tmp_path),
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert wrong in result.stderr
+    assert DIGEST in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_s3_through_a_custom_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="models")
+        s3.put_object(Bucket="models", Key="iris/3/model.onnx", Body=PAYLOAD)
+        path = fetch.fetch("s3://models/iris/3/model.onnx", tmp_path, DIGEST, pvc_root=tmp_path)
+        assert path.read_bytes() == PAYLOAD
+        with pytest.raises(fetch.FetchError, match="NoSuchKey"):
+            fetch.fetch("s3://models/absent.onnx", tmp_path, None, pvc_root=tmp_path)
+    finally:
+        server.stop()
+
+
+def test_gcs_through_an_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    emulator = create_gcs_emulator("127.0.0.1", port, in_memory=True, default_bucket="models")
+    emulator.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+        client = storage.Client()
+        client.bucket("models").blob("iris/model.onnx").upload_from_string(PAYLOAD)
+        path = fetch.fetch("gs://models/iris/model.onnx", tmp_path, DIGEST, pvc_root=tmp_path)
+        assert path.read_bytes() == PAYLOAD
+    finally:
+        emulator.stop()
+
+
+def test_file_and_pvc(tmp_path: Path) -> None:
+    claim = tmp_path / "pvc" / "model-store" / "iris"
+    claim.mkdir(parents=True)
+    (claim / "model.onnx").write_bytes(PAYLOAD)
+    from_pvc = fetch.fetch(
+        "pvc://model-store/iris/model.onnx", tmp_path / "a", DIGEST, pvc_root=tmp_path / "pvc"
+    )
+    assert from_pvc.read_bytes() == PAYLOAD
+    from_file = fetch.fetch(
+        f"file://{claim}/model.onnx", tmp_path / "b", DIGEST, pvc_root=tmp_path / "pvc"
+    )
+    assert from_file.read_bytes() == PAYLOAD
+    with pytest.raises(fetch.FetchError, match="does not exist"):
+        fetch.fetch("pvc://model-store/none.onnx", tmp_path / "c", None, pvc_root=tmp_path / "pvc")
+
+
+def test_pvc_root_comes_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "claim").mkdir()
+    (tmp_path / "claim" / "m.onnx").write_bytes(PAYLOAD)
+    result = subprocess.run(
+        runtime_command("fetch", "--uri", "pvc://claim/m.onnx", "--dest", str(tmp_path / "out")),
+        capture_output=True,
+        text=True,
+        env={"MODELDEPLOY_PVC_ROOT": str(tmp_path), "MODELDEPLOY_SHA256": DIGEST},
+        check=True,
+    )
+    assert result.stdout.strip() == str(tmp_path / "out" / "m.onnx")
+
+
+def test_unsupported_scheme_is_named(tmp_path: Path) -> None:
+    with pytest.raises(fetch.FetchError, match="unsupported URI scheme 'ftp'"):
+        fetch.fetch("ftp://host/model.onnx", tmp_path, None, pvc_root=tmp_path)

@@ -1,0 +1,122 @@
+"""INT8 quantization at load: close outputs, measured accuracy, and a reused cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.http as httpclient
+from runtime_fixtures import (
+    HEAVY_FEATURES,
+    examples,
+    metric_value,
+    running_server,
+)
+
+from modeldeploy_runtime import model, quantization, settings
+
+
+@pytest.fixture
+def heavy_copy(heavy_model: Path, tmp_path: Path) -> Path:
+    """A private copy: the quantized file is cached beside it."""
+    return Path(shutil.copy(heavy_model, tmp_path / "heavy.onnx"))
+
+
+@pytest.fixture
+def calibration(tmp_path: Path) -> Path:
+    path = tmp_path / "calibration.npz"
+    np.savez(path, x=examples(64, features=HEAVY_FEATURES, seed=42))
+    return path
+
+
+def load(path: Path) -> model.OnnxModel:
+    loaded = model.OnnxModel(path, threads=1, device=settings.Device.CPU)
+    loaded.load()
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "mode", [settings.Quantization.DYNAMIC_INT8, settings.Quantization.STATIC_INT8]
+)
+def test_quantized_model_stays_close_to_fp32(
+    heavy_copy: Path, calibration: Path, tmp_path: Path, mode: settings.Quantization
+) -> None:
+    reference = load(heavy_copy)
+    samples = quantization.load_samples(calibration, reference.inputs)
+    quantized_path = quantization.quantize(
+        heavy_copy,
+        mode,
+        samples if mode is settings.Quantization.STATIC_INT8 else None,
+        tmp_path / "cache",
+    )
+    assert quantized_path.parent == heavy_copy.parent
+    assert mode.value in quantized_path.name
+    ops = {node.op_type for node in onnx.load(quantized_path).graph.node}
+    if mode is settings.Quantization.STATIC_INT8:
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    else:
+        assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    held_out = {"x": examples(32, features=HEAVY_FEATURES, seed=7)}
+    accuracy = quantization.compare(reference, load(quantized_path), held_out)
+    assert accuracy.samples == 32
+    assert accuracy.top1_agreement >= 0.9
+    assert accuracy.max_abs_error < 0.1
+
+
+def test_cache_is_reused(heavy_copy: Path, tmp_path: Path) -> None:
+    mode = settings.Quantization.DYNAMIC_INT8
+    first = quantization.quantize(heavy_copy, mode, None, tmp_path / "cache")
+    written = first.stat().st_mtime_ns
+    assert quantization.quantize(heavy_copy, mode, None, tmp_path / "cache") == first
+    assert first.stat().st_mtime_ns == written
+
+
+def test_cache_goes_to_the_cache_dir_when_the_model_dir_is_read_only(
+    heavy_copy: Path, tmp_path: Path
+) -> None:
+    mode = settings.Quantization.DYNAMIC_INT8
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    source = Path(shutil.copy(heavy_copy, read_only / "other.onnx"))
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as root: directory permissions are not enforced")
+        cached = quantization.quantize(source, mode, None, tmp_path / "cache")
+        assert cached.parent == tmp_path / "cache"
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_served_quantized_model_exports_accuracy_and_reuses_its_cache(
+    heavy_copy: Path, calibration: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {
+        "model_path": heavy_copy,
+        "model_name": "heavy",
+        "quantization": settings.Quantization.STATIC_INT8,
+        "calibration_path": calibration,
+    }
+    caplog.set_level(logging.INFO, logger="modeldeploy_runtime")
+    with running_server(**options) as runtime:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{runtime.http_port}")
+        tensor = httpclient.InferInput("x", [2, HEAVY_FEATURES], "FP32")
+        tensor.set_data_from_numpy(examples(2, features=HEAVY_FEATURES))
+        assert client.infer("heavy", [tensor]).as_numpy("probabilities").shape == (2, 10)
+        text = runtime.stats.exposition().decode()
+    assert metric_value(text, "modeldeploy_quantization_top1_agreement", model="heavy") >= 0.9
+    assert metric_value(text, "modeldeploy_quantization_max_abs_error", model="heavy") < 0.1
+    assert metric_value(text, "modeldeploy_model_info", quantization="static-int8") == 1
+    assert "quantizing" in caplog.text
+    assert "top-1 agreement" in caplog.text
+
+    caplog.clear()
+    with running_server(**options):
+        pass
+    assert "reusing quantized model" in caplog.text
+    assert "quantizing" not in caplog.text
