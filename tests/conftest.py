@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from support import Cluster
 
 from modeldeploy_operator.localcluster import cluster as localcluster
+from support import Cluster
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,10 @@ def _cluster(args: argparse.Namespace) -> int:
         print(cluster.kubeconfig_path())
     elif args.action == "build":
         build.build_all()
+    elif args.action == "run-pods":
+        from modeldeploy_operator.localcluster import podrunner
+
+        podrunner.main()
     return 0
 
 
@@ -75,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "action",
-        choices=["up", "down", "kubeconfig", "build"],
+        choices=["up", "down", "kubeconfig", "build", "run-pods"],
         help="up: start (idempotent), down: stop and delete, kubeconfig: print its path, "
-        "build: only build the binaries",
+        "build: only build the binaries, run-pods: run real runtime processes behind the "
+        "simulated runtime pods (foreground)",
     )
     cluster.set_defaults(func=_cluster)
     _add_run(commands)

@@ -124,7 +124,6 @@ def build() -> dict[str, Any]:
                 "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$')",
                 "message": "metadata.name must be a DNS-1035 label (at most 63 characters, "
                 "lowercase letters, digits and '-', starting with a letter): it names the Service",
-                "fieldPath": ".metadata.name",
             }
         ],
     }

@@ -149,7 +149,15 @@ def _child_changed(
         # recreate a child the garbage collector just removed.
         md = reconciler.reread(namespace, instance)
     if md is not None:
-        reconciler.reconcile(md, _observed(kwargs, key, md["metadata"]["uid"]))
+        gone = next(
+            (
+                k
+                for k in builders.CHILD_KINDS
+                if change == "DELETED" and k.plural == resource.plural
+            ),
+            None,
+        )
+        reconciler.reconcile(md, _observed(kwargs, key, md["metadata"]["uid"]), gone=gone)
 
 
 for _kind in (*builders.CHILD_KINDS, POD):

@@ -41,14 +41,18 @@ class Reconciler:
         self._runtime_image = runtime_image
         self._guard = threading.Lock()
         self._locks: dict[Key, threading.Lock] = {}
-        # The last status written per object. The watch delivers it back a little later; until
-        # then the stored status is stale, and comparing with it alone would write it twice.
+        # What this process last wrote, per object. The watches deliver it back a little later;
+        # until then what they show is stale, and acting on it alone would write twice.
         self._written: dict[Key, Object] = {}
+        self._applied: dict[tuple[Key, builders.Kind], Object] = {}
 
     def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
         with self._guard:
-            self._locks.pop((namespace, name), None)
-            self._written.pop((namespace, name), None)
+            self._locks.pop(key, None)
+            self._written.pop(key, None)
+            for kind in builders.CHILD_KINDS:
+                self._applied.pop((key, kind), None)
 
     def reread(self, namespace: str, name: str) -> Object | None:
         return self._kube.get_model_deployment(namespace, name)
@@ -57,13 +61,33 @@ class Reconciler:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def reconcile(self, md: Mapping[str, Any], observed: Observed) -> None:
+    def reconcile(
+        self, md: Mapping[str, Any], observed: Observed, gone: builders.Kind | None = None
+    ) -> None:
+        """Converges one object; `gone` names a child kind just seen deleted."""
         metadata = md["metadata"]
         if metadata.get("deletionTimestamp"):
             return  # the garbage collector removes the children
         key = (metadata["namespace"], metadata["name"])
         with self._lock(key):
-            self._reconcile(md, observed, key)
+            if gone is not None:
+                self._applied.pop((key, gone), None)
+            latest = {
+                kind: child
+                for kind in builders.CHILD_KINDS
+                if (child := self._latest(key, kind, observed.children.get(kind))) is not None
+            }
+            self._reconcile(md, Observed(children=latest, pods=observed.pods), key)
+
+    def _latest(self, key: Key, kind: builders.Kind, seen: Object | None) -> Object | None:
+        """The newer of what the watch shows and what our last apply returned."""
+        applied = self._applied.get((key, kind))
+        if applied is None:
+            return seen
+        if seen is not None and _revision(seen) >= _revision(applied):
+            del self._applied[(key, kind)]
+            return seen
+        return applied
 
     def _reconcile(self, md: Mapping[str, Any], observed: Observed, key: Key) -> None:
         owner = builders.Owner(name=key[1], namespace=key[0], uid=md["metadata"]["uid"])
@@ -79,7 +103,7 @@ class Reconciler:
         children = dict(observed.children)
         if spec is not None:
             try:
-                children = self._converge_children(owner, spec, children)
+                children = self._converge_children(key, owner, spec, children)
             except Exception as error:
                 if not kube.is_permanent(error):
                     raise
@@ -112,6 +136,7 @@ class Reconciler:
 
     def _converge_children(
         self,
+        key: Key,
         owner: builders.Owner,
         spec: api.ModelDeploymentSpec,
         observed: dict[builders.Kind, Object],
@@ -125,16 +150,26 @@ class Reconciler:
             if action in (diff.Action.CREATE, diff.Action.UPDATE):
                 assert want is not None
                 logger.info("%s %s %s/%s", action.value, kind.kind, owner.namespace, owner.name)
-                current[kind] = self._kube.apply(kind, want)
+                current[kind] = self._applied[(key, kind)] = self._kube.apply(kind, want)
             elif action is diff.Action.DELETE:
                 assert have is not None
                 if not _owned_by(have, owner.uid):
                     continue
                 logger.info("delete %s %s/%s", kind.kind, owner.namespace, owner.name)
                 self._kube.delete(kind, owner.namespace, owner.name, have["metadata"]["uid"])
+                self._applied.pop((key, kind), None)
                 current.pop(kind)
         return current
 
 
 def _owned_by(obj: Object, uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", []))
+
+
+def _revision(obj: Object) -> int:
+    # resourceVersions are opaque by contract, but etcd's are increasing integers; comparing
+    # them is what tells a lagging watch from a newer change.
+    try:
+        return int(obj["metadata"].get("resourceVersion", 0))
+    except ValueError:
+        return 0

@@ -1,4 +1,4 @@
-"""The local control plane is a real one: scheduling, GPU capacity, garbage collection, validation."""
+"""The local control plane is real: scheduling, GPU capacity, garbage collection, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from modeldeploy_operator.localcluster import build
 from modeldeploy_operator.localcluster import cluster as localcluster
-
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -103,12 +102,16 @@ def test_impossible_gpu_request_stays_pending_with_failed_scheduling(
         message = " ".join(e["message"] for e in events)
         time.sleep(0.5)
     assert "Insufficient nvidia.com/gpu" in message
-    phase = cluster.kubectl("get", "pod", "greedy", "-n", namespace, "-o", "jsonpath={.status.phase}")
+    phase = cluster.kubectl(
+        "get", "pod", "greedy", "-n", namespace, "-o", "jsonpath={.status.phase}"
+    )
     assert phase.stdout == "Pending"
 
 
 def test_deleting_an_owner_garbage_collects_what_it_owns(cluster: Cluster, namespace: str) -> None:
-    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}})
+    _apply(
+        cluster, namespace, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}
+    )
     uid = cluster.kubectl(
         "get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}"
     ).stdout
@@ -125,9 +128,7 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(cluster: Cluster, names
     }
     _apply(cluster, namespace, owned)
     cluster.kubectl("delete", "configmap", "owner", "-n", namespace)
-    cluster.kubectl(
-        "wait", "-n", namespace, "--for=delete", "secret/owned", "--timeout=60s"
-    )
+    cluster.kubectl("wait", "-n", namespace, "--for=delete", "secret/owned", "--timeout=60s")
 
 
 def test_api_server_rejects_an_invalid_object_with_a_field_error(

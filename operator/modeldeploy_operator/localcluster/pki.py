@@ -110,11 +110,11 @@ def generate(directory: Path) -> None:
     _write_key(directory / "ca.key", ca_key)
     ca = (ca_cert, ca_key)
 
-    loopback = [
+    loopback: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
     ]
-    apiserver_names = [
+    apiserver_names: list[x509.GeneralName] = [
         x509.DNSName("kubernetes"),
         x509.DNSName("kubernetes.default"),
         x509.DNSName("kubernetes.default.svc"),

@@ -1,0 +1,343 @@
+"""Benchmark: the modeldeploy runtime against Triton (PyTriton), MLServer and a naive server.
+
+    nice .venv/bin/python benchmarks/runtime/bench.py [--duration 10] [--quick]
+
+Run from the repository root with the project's virtualenv.  The peers are installed
+into their own virtualenv (``~/.cache/modeldeploy/bench-venv``, created on first use)
+because their pins conflict with ours.  Every server gets core 0 (``taskset``), wrk
+gets core 1, so the load generator never competes with the server.  Load: single-
+example v2 JSON POSTs from wrk at 32 and 128 connections.  Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BENCH_VENV = Path.home() / ".cache" / "modeldeploy" / "bench-venv"
+PEER_PACKAGES = ["nvidia-pytriton", "mlserver", "fastapi", "uvicorn", "onnxruntime", "numpy"]
+SERVER_CORE, LOAD_CORE = "0", "1"
+PORT = 18080
+MODELS = {"small": [64, 128, 10], "heavy": [2048, 4096, 4096, 4096, 1000]}
+
+
+def build_mlp(path: Path, widths: list[int]) -> Path:
+    """MatMul/Add/Relu layers and a Softmax: input ``x``, output ``probabilities``."""
+    rng = np.random.default_rng(0)
+    nodes, weights, current = [], [], "x"
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        w = rng.normal(0, 1 / np.sqrt(fan_in), (fan_in, fan_out)).astype(np.float32)
+        weights += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(rng.normal(0, 0.1, fan_out).astype(np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+        ]
+        current = f"a{i}"
+        if i < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
+            current = f"r{i}"
+    nodes.append(helper.make_node("Softmax", [current], ["probabilities"], axis=-1))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", widths[0]])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", widths[-1]])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def ensure_peer_venv() -> Path | None:
+    python = BENCH_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        command = [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"peer install failed: {' '.join(command)}\n{result.stderr[-2000:]}")
+            return None
+    return python
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+@contextlib.contextmanager
+def server(command: list[str], ready_url: str, log: Path) -> Iterator[None]:
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, *command],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_ready(ready_url, process)
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+
+
+def wrk(url: str, body: Path, connections: int, duration: int) -> dict[str, float]:
+    command = [
+        "taskset",
+        "-c",
+        LOAD_CORE,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-s",
+        str(HERE / "post.lua"),
+        url,
+        "--",
+        str(body),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    def latency_ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        assert match, out
+        return float(match[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match[2]]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),  # type: ignore[index]
+        "p50": latency_ms("50"),
+        "p99": latency_ms("99"),
+        "errors": float(errors[1]) if errors else 0.0,
+        "socket_errors": socket_errors[1] if socket_errors else "",
+    }
+
+
+def metric_sum(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def ort_throughput(path: Path, batch: int, seconds: float = 3.0) -> float:
+    """Examples/s of a bare session.run loop on the server core: the ceiling."""
+    code = (
+        "import sys,time,numpy as np,onnxruntime as ort\n"
+        "o=ort.SessionOptions();o.intra_op_num_threads=1\n"
+        "s=ort.InferenceSession(sys.argv[1],o,providers=['CPUExecutionProvider'])\n"
+        "b=int(sys.argv[2]);f=s.get_inputs()[0].shape[1]\n"
+        "x=np.random.rand(b,f).astype(np.float32);[s.run(None,{'x':x}) for _ in range(3)]\n"
+        "n=0;t=time.perf_counter()\n"
+        "while time.perf_counter()-t<float(sys.argv[3]):s.run(None,{'x':x});n+=1\n"
+        "print(n*b/(time.perf_counter()-t))\n"
+    )
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            SERVER_CORE,
+            sys.executable,
+            "-c",
+            code,
+            str(path),
+            str(batch),
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--servers", default="modeldeploy,triton,mlserver,naive")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modeldeploy-bench-"))
+    peer_python = ensure_peer_venv()
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    reached: dict[str, float] = {}
+    rng = np.random.default_rng(1)
+    paths = {name: build_mlp(work / f"{name}.onnx", widths) for name, widths in MODELS.items()}
+    ours = str(Path(sys.executable).parent / "modeldeploy-runtime")
+
+    def commands(kind: str, model: str, quantization: str = "none") -> list[str]:
+        path = str(paths[model])
+        if kind == "modeldeploy":
+            return [
+                ours,
+                "serve",
+                "--model-path",
+                path,
+                "--model-name",
+                model,
+                "--http-port",
+                str(PORT),
+                "--grpc-port",
+                str(PORT + 1),
+                "--quantization",
+                quantization,
+            ]
+        assert peer_python is not None
+        return [str(peer_python), str(HERE / "peers.py"), kind, path, model, str(PORT)]
+
+    def run(kind: str, model: str, quantization: str = "none") -> dict[int, dict[str, float]]:
+        features = MODELS[model][0]
+        body = work / f"{model}.json"
+        body.write_text(
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "x",
+                            "shape": [1, features],
+                            "datatype": "FP32",
+                            "data": rng.standard_normal(features)
+                            .astype(np.float32)
+                            .round(4)
+                            .tolist(),
+                        }
+                    ]
+                }
+            )
+        )
+        base = f"http://127.0.0.1:{PORT}"
+        results = {}
+        env_label = f"{kind}-{model}-{quantization}"
+        with server(
+            commands(kind, model, quantization),
+            f"{base}/v2/health/ready",
+            work / f"{env_label}.log",
+        ):
+            url = f"{base}/v2/models/{model}/infer"
+            wrk(url, body, 32, 2)  # warm-up
+            for connections in (32, 128):
+                if kind == "modeldeploy":
+                    before = (
+                        metric_sum(f"{base}/metrics", "modeldeploy_batch_size_sum"),
+                        metric_sum(f"{base}/metrics", "modeldeploy_batch_size_count"),
+                    )
+                results[connections] = wrk(url, body, connections, args.duration)
+                if kind == "modeldeploy":
+                    examples = (
+                        metric_sum(f"{base}/metrics", "modeldeploy_batch_size_sum") - before[0]
+                    )
+                    batches = (
+                        metric_sum(f"{base}/metrics", "modeldeploy_batch_size_count") - before[1]
+                    )
+                    results[connections]["batch"] = examples / max(batches, 1)
+                if quantization != "none":
+                    results[connections]["top1"] = metric_sum(
+                        f"{base}/metrics", "modeldeploy_quantization_top1_agreement"
+                    )
+        return results
+
+    measured: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for kind in args.servers.split(","):
+        if kind != "modeldeploy" and peer_python is None:
+            notes.append(f"{kind}: not run, the peer virtualenv could not be installed")
+            continue
+        for model in MODELS:
+            try:
+                measured[kind, model] = run(kind, model)
+            except Exception as error:  # report and go on with the other servers
+                notes.append(f"{kind}/{model}: failed: {error} (log in {work})")
+    for (kind, model), by_connections in measured.items():
+        for connections, r in by_connections.items():
+            batch = f"{r['batch']:.1f}" if "batch" in r else "-"
+            rows.append(
+                (
+                    model,
+                    kind,
+                    str(connections),
+                    f"{r['rps']:.0f}",
+                    f"{r['p50']:.2f}",
+                    f"{r['p99']:.2f}",
+                    batch,
+                    f"{r['errors']:.0f}",
+                )
+            )
+            if kind == "modeldeploy" and model == "heavy":
+                reached[str(connections)] = r["batch"]
+    for connections, batch in reached.items():
+        size = max(1, round(batch))
+        rows.append(
+            (
+                "heavy",
+                f"raw ORT @ batch {size}",
+                connections,
+                f"{ort_throughput(paths['heavy'], size):.0f}",
+                "-",
+                "-",
+                str(size),
+                "-",
+            )
+        )
+    if "modeldeploy" in args.servers:
+        int8 = run("modeldeploy", "heavy", "dynamic-int8")
+        for connections, r in int8.items():
+            rows.append(
+                (
+                    "heavy",
+                    "modeldeploy dynamic-int8",
+                    str(connections),
+                    f"{r['rps']:.0f}",
+                    f"{r['p50']:.2f}",
+                    f"{r['p99']:.2f}",
+                    f"{r['batch']:.1f}",
+                    f"{r['errors']:.0f} (top-1 agreement {r['top1']:.3f})",
+                )
+            )
+
+    header = ("model", "server", "conns", "req/s", "p50 ms", "p99 ms", "mean batch", "non-2xx")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    for note in notes:
+        print("note:", note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Where status.metrics comes from: Prometheus's HTTP API, or a direct scrape of the ready pods.
+
+The two sources give the same `telemetry.Summary`. The direct source keeps the previous scrape of
+each pod in memory and reports the growth since then; the first scrape of a pod only sets its
+baseline. Scrapes are bounded by a timeout and a process-wide limit on concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from modeldeploy_operator import telemetry
+
+_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One ModelDeployment's metrics: its pods and the model name their series carry."""
+
+    namespace: str
+    name: str
+    model: str
+    pod_urls: Mapping[str, str]  # pod name -> metrics URL, ready pods only
+
+
+def ready_pod_urls(pods: Iterable[Mapping[str, Any]], port: int) -> dict[str, str]:
+    urls = {}
+    for pod in pods:
+        status = pod.get("status", {})
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions", [])
+        )
+        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            urls[pod["metadata"]["name"]] = f"http://{status['podIP']}:{port}/metrics"
+    return urls
+
+
+class DirectSource:
+    def __init__(self, concurrency: int = 32) -> None:
+        self._limit = asyncio.Semaphore(concurrency)
+        self._last: dict[tuple[str, str], tuple[float, telemetry.Counters]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _scrape(self, url: str, model: str) -> telemetry.Counters | None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        async with self._limit:
+            try:
+                async with self._session.get(url) as response:
+                    response.raise_for_status()
+                    return telemetry.parse(await response.text(), model)
+            except (aiohttp.ClientError, TimeoutError):
+                return None
+
+    async def summary(self, target: Target) -> telemetry.Summary | None:
+        """Growth since the previous call for the same pods; None until there is a baseline."""
+        names = list(target.pod_urls)
+        scraped = await asyncio.gather(
+            *(self._scrape(target.pod_urls[n], target.model) for n in names)
+        )
+        now = time.monotonic()
+        windows, seconds = [], []
+        for name, counters in zip(names, scraped, strict=True):
+            if counters is None:
+                continue
+            key = (target.namespace, name)
+            previous = self._last.get(key)
+            self._last[key] = (now, counters)
+            if previous is not None:
+                windows.append(counters.minus(previous[1]))
+                seconds.append(now - previous[0])
+        if not windows:
+            return None
+        return telemetry.summarise(windows, max(seconds))
+
+    def forget(self, namespace: str, pods: Iterable[str]) -> None:
+        for name in pods:
+            self._last.pop((namespace, name), None)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class PrometheusSource:
+    """PromQL over the runtime series that Prometheus labels with `namespace` and `pod`."""
+
+    def __init__(self, url: str, window_seconds: int) -> None:
+        self._url = url.rstrip("/") + "/api/v1/query"
+        self._window = f"{window_seconds}s"
+        self._session: aiohttp.ClientSession | None = None
+
+    def queries(self, target: Target) -> dict[str, str]:
+        # A Deployment's pods are <name>-<template hash>-<suffix>; the exact shape keeps
+        # "iris" from matching the pods of "iris-v2".
+        selector = (
+            f'namespace="{target.namespace}",pod=~"{target.name}-[a-z0-9]+-[a-z0-9]+",'
+            f'model="{target.model}"'
+        )
+        w = self._window
+        requests = f"sum(rate({telemetry.REQUESTS}_total{{{selector}}}[{w}]))"
+        latency = f"sum by (le) (rate({telemetry.LATENCY}_bucket{{{selector}}}[{w}]))"
+        return {
+            "rps": requests,
+            "failed": f'sum(rate({telemetry.REQUESTS}_total{{{selector},outcome!="success"}}[{w}]))',
+            "p50": f"histogram_quantile(0.5, {latency})",
+            "p99": f"histogram_quantile(0.99, {latency})",
+            "batch": (
+                f"sum(rate({telemetry.BATCH_SIZE}_sum{{{selector}}}[{w}])) / "
+                f"sum(rate({telemetry.BATCH_SIZE}_count{{{selector}}}[{w}]))"
+            ),
+        }
+
+    async def _query(self, promql: str) -> float | None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        async with self._session.get(self._url, params={"query": promql}) as response:
+            response.raise_for_status()
+            body = await response.json()
+        result = body["data"]["result"]
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return None if value != value else value  # NaN: no traffic in the window
+
+    async def summary(self, target: Target) -> telemetry.Summary | None:
+        queries = self.queries(target)
+        try:
+            values = dict(
+                zip(
+                    queries,
+                    await asyncio.gather(*(self._query(q) for q in queries.values())),
+                    strict=True,
+                )
+            )
+        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+            return None
+        rps = values["rps"]
+        if rps is None:
+            return None
+        return telemetry.Summary(
+            requests_per_second=rps,
+            latency_p50_ms=None if values["p50"] is None else values["p50"] * 1000,
+            latency_p99_ms=None if values["p99"] is None else values["p99"] * 1000,
+            mean_batch_size=values["batch"],
+            error_rate=(values["failed"] or 0.0) / rps if rps else 0.0,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,93 @@
+"""Helpers for the operator's integration tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kopf.testing import KopfRunner
+from support import Cluster
+
+from modeldeploy_operator import crd
+
+T = TypeVar("T")
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+OPERATOR_AGENTS = ("modeldeploy-operator", "kopf/")
+
+
+def install_crd(cluster: Cluster) -> None:
+    # Client-side apply on purpose: users do it, and it caps the schema's size.
+    cluster.kubectl("apply", "-f", str(crd.CRD_PATH))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd.spec.PLURAL}.{crd.spec.GROUP}"
+    )
+
+
+@contextmanager
+def running_operator(namespace: str) -> Iterator[KopfRunner]:
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "modeldeploy_operator.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
+    """Polls until `probe` returns something truthy; fails naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def apply_md(cluster: Cluster, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    body = {
+        "apiVersion": "modeldeploy.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(body))
+
+
+def condition(md: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    conditions = (md or {}).get("status", {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def ready_md(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    """The object once it is Ready for its current generation, else None."""
+    md = get(cluster, namespace, "md", name)
+    if md is None or condition(md, "Ready").get("status") != "True":
+        return None
+    current = md["status"].get("observedGeneration") == md["metadata"]["generation"]
+    return md if current else None
+
+
+def operator_writes(audit_log: Path, offset: int, namespace: str) -> list[str]:
+    """The operator's write requests in the namespace logged after `offset` bytes."""
+    writes = []
+    with audit_log.open() as log:
+        log.seek(offset)
+        for line in log:
+            event = json.loads(line)
+            ref = event.get("objectRef", {})
+            if (
+                event.get("stage") == "ResponseComplete"
+                and event["verb"] in WRITE_VERBS
+                and ref.get("namespace") == namespace
+                and event.get("userAgent", "").startswith(OPERATOR_AGENTS)
+            ):
+                writes.append(f"{event['verb']} {event['requestURI']}")
+    return writes

@@ -1,0 +1,122 @@
+"""The reconciler writes only what differs: an unchanged object costs no write."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from modeldeploy_operator import builders, kube, reconcile
+from modeldeploy_operator import spec as api
+
+
+class FakeKube:
+    """Records writes; applies echo the object back as a server would (plus a status)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.fail_with: Exception | None = None
+
+    def apply(self, kind: builders.Kind, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.fail_with:
+            raise self.fail_with
+        self.calls.append(("apply", kind.kind))
+        echoed = copy.deepcopy(obj)
+        echoed["metadata"] |= {"uid": f"uid-{kind.plural}", "generation": 1}
+        echoed["status"] = {"observedGeneration": 1}
+        return echoed
+
+    def delete(self, kind: builders.Kind, namespace: str, name: str, uid: str) -> None:
+        self.calls.append(("delete", kind.kind))
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("status", status))
+        return {}
+
+    def emit_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.calls.append(("event", reason))
+
+
+def _md(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "modeldeploy.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "iris", "namespace": "ml", "uid": "md-uid", "generation": 1},
+        "spec": {"model": {"uri": "s3://m/iris.onnx"}} | spec,
+    }
+
+
+def _reconciler() -> tuple[reconcile.Reconciler, FakeKube]:
+    fake = FakeKube()
+    return reconcile.Reconciler(fake, "runtime:1"), fake  # type: ignore[arg-type]
+
+
+def _children(md: dict[str, Any]) -> dict[builders.Kind, dict[str, Any]]:
+    owner = builders.Owner("iris", "ml", "md-uid")
+    spec = api.ModelDeploymentSpec.model_validate(md["spec"])
+    children = builders.children(owner, spec, "runtime:1")
+    for kind, child in children.items():
+        child["metadata"]["uid"] = f"uid-{kind.plural}"
+    return children
+
+
+def test_first_reconcile_creates_children_and_writes_status_once() -> None:
+    reconciler, fake = _reconciler()
+    reconciler.reconcile(_md(), reconcile.Observed())
+    kinds = [what for call, what in fake.calls if call == "apply"]
+    assert sorted(kinds) == ["Deployment", "Service"]
+    assert [call for call, _ in fake.calls].count("status") == 1
+
+
+def test_unchanged_object_makes_no_writes_even_after_a_restart() -> None:
+    md = _md()
+    reconciler, fake = _reconciler()
+    reconciler.reconcile(md, reconcile.Observed())
+    written = next(body for call, body in fake.calls if call == "status")
+    observed = reconcile.Observed(children=_children(md))
+
+    fake.calls.clear()
+    reconciler.reconcile(md, observed)  # the watch has not delivered our status yet
+    assert fake.calls == []
+
+    restarted, fake = _reconciler()
+    stored = md | {"status": written | {"kopf": {"progress": {}}}}
+    restarted.reconcile(stored, observed)
+    assert fake.calls == []
+
+
+def test_unwanted_owned_child_is_deleted() -> None:
+    md = _md()
+    reconciler, fake = _reconciler()
+    with_ingress = _md(ingress={"host": "iris.example.com"})
+    observed = _children(with_ingress)
+    reconciler.reconcile(md, reconcile.Observed(children=observed))
+    assert ("delete", "Ingress") in fake.calls
+    assert not any(call == "apply" for call, _ in fake.calls)
+
+
+def test_hand_edited_child_is_applied_again() -> None:
+    md = _md()
+    observed = _children(md)
+    observed[builders.DEPLOYMENT]["spec"]["template"]["spec"]["containers"][0]["image"] = "x"
+    reconciler, fake = _reconciler()
+    reconciler.reconcile(md, reconcile.Observed(children=observed))
+    assert [what for call, what in fake.calls if call == "apply"] == ["Deployment"]
+
+
+def test_rejected_child_stalls_with_the_servers_message() -> None:
+    reconciler, fake = _reconciler()
+    fake.fail_with = kube.ApiError(status=422, reason="Invalid")
+    fake.fail_with.body = '{"message": "spec.template.spec.tolerations[0].operator: Unsupported"}'
+    reconciler.reconcile(_md(), reconcile.Observed())
+    status = next(body for call, body in fake.calls if call == "status")
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "ApplyFailed")
+    assert "tolerations[0].operator" in stalled["message"]
+
+
+def test_deleted_object_is_left_to_the_garbage_collector() -> None:
+    reconciler, fake = _reconciler()
+    md = _md()
+    md["metadata"]["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    reconciler.reconcile(md, reconcile.Observed())
+    assert fake.calls == []

@@ -1,0 +1,167 @@
+"""Status computation from the observed Deployment and pods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modeldeploy_operator import builders, status
+from modeldeploy_operator import spec as api
+
+OWNER = builders.Owner(name="iris", namespace="ml", uid="uid-1")
+NOW = "2030-01-01T00:00:00Z"
+SPEC = api.ModelDeploymentSpec.model_validate(
+    {"model": {"uri": "s3://m/iris.onnx", "version": "3"}, "replicas": 2}
+)
+UNSCHEDULABLE = (
+    "0/4 nodes are available: 2 Insufficient nvidia.com/gpu, 2 node(s) had untolerated taint."
+)
+
+
+def _deployment(ready: int, updated: int = 2, replicas: int = 2, **extra: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": 2},
+        "spec": {"replicas": 2},
+        "status": {
+            "observedGeneration": 2,
+            "replicas": replicas,
+            "updatedReplicas": updated,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            **extra,
+        },
+    }
+
+
+def _pod(**pod_status: Any) -> dict[str, Any]:
+    digest = builders.model_digest(SPEC)
+    return {
+        "metadata": {"name": "iris-1", "annotations": {builders.ANNOTATION_MODEL_DIGEST: digest}},
+        "status": pod_status,
+    }
+
+
+def _compute(now: str = NOW, **fields: Any) -> api.ModelDeploymentStatus:
+    base: dict[str, Any] = {"owner": OWNER, "generation": 4, "spec": SPEC}
+    return status.compute(status.Observation(**(base | fields)), now)
+
+
+def _conditions(result: api.ModelDeploymentStatus) -> dict[str, api.Condition]:
+    return {c.type: c for c in result.conditions}
+
+
+def test_rolled_out_is_ready_with_counts_url_and_model() -> None:
+    result = _compute(deployment=_deployment(ready=2))
+    conditions = _conditions(result)
+    assert (conditions["Ready"].status, conditions["Ready"].reason) == ("True", "Available")
+    assert conditions["Reconciling"].status == "False"
+    assert conditions["Stalled"].status == "False"
+    assert result.observed_generation == 4
+    assert (result.replicas, result.ready_replicas, result.updated_replicas) == (2, 2, 2)
+    assert result.replica_summary == "2/2"
+    assert result.url == "http://iris.ml.svc:8080/v2/models/iris"
+    assert result.model == api.ModelStatus(uri="s3://m/iris.onnx", version="3", quantization="none")
+
+
+def test_no_deployment_yet_is_reconciling() -> None:
+    conditions = _conditions(_compute())
+    assert conditions["Ready"].status == "False"
+    assert conditions["Reconciling"].status == "True"
+
+
+def test_rollout_in_progress_is_not_ready() -> None:
+    deployment = _deployment(ready=2, updated=1, replicas=3)
+    conditions = _conditions(_compute(deployment=deployment))
+    assert (conditions["Ready"].status, conditions["Ready"].reason) == ("False", "RollingOut")
+    assert conditions["Reconciling"].status == "True"
+
+
+def test_stale_deployment_status_is_not_ready() -> None:
+    deployment = _deployment(ready=2)
+    deployment["metadata"]["generation"] = 3
+    assert _conditions(_compute(deployment=deployment))["Ready"].status == "False"
+
+
+def test_unschedulable_pods_give_the_schedulers_reason() -> None:
+    pending = _pod(
+        phase="Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": UNSCHEDULABLE,
+            }
+        ],
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[pending]))
+    ready = conditions["Ready"]
+    assert (ready.status, ready.reason) == ("False", "PodsUnschedulable")
+    assert ready.message == f"0/2 replicas ready, pods Pending: {UNSCHEDULABLE}"
+    assert conditions["Stalled"].status == "False"
+
+
+def test_a_model_that_fails_to_fetch_stalls() -> None:
+    failing = _pod(
+        initContainerStatuses=[
+            {
+                "name": "fetch-model",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {"exitCode": 1, "message": "sha256 mismatch: a != b\n"}
+                },
+            }
+        ]
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[failing]))
+    assert conditions["Stalled"].status == "True"
+    assert conditions["Stalled"].reason == "ModelFetchFailed"
+    assert conditions["Stalled"].message == "fetch-model exited with 1: sha256 mismatch: a != b"
+    assert conditions["Reconciling"].status == "False"
+
+
+def test_pods_of_an_older_model_do_not_count() -> None:
+    old = _pod(containerStatuses=[{"name": "runtime", "state": {"terminated": {"exitCode": 1}}}])
+    old["metadata"]["annotations"] = {builders.ANNOTATION_MODEL_DIGEST: "older"}
+    assert (
+        _conditions(_compute(deployment=_deployment(ready=2), pods=[old]))["Ready"].status == "True"
+    )
+
+
+def test_invalid_spec_stalls_and_says_why() -> None:
+    result = _compute(spec=None, spec_error="spec.model.uri: must start with one of https://")
+    stalled = _conditions(result)["Stalled"]
+    assert (stalled.status, stalled.reason) == ("True", "InvalidSpec")
+    assert "spec.model.uri" in stalled.message
+    assert result.url is None
+
+
+def test_last_transition_time_kept_while_status_holds() -> None:
+    first = _compute(deployment=_deployment(ready=1))
+    previous = [c.model_dump(by_alias=True) for c in first.conditions]
+    again = _compute(now="2031-01-01T00:00:00Z", deployment=_deployment(ready=1), previous=previous)
+    assert again == first
+    ready = _compute(now="2031-01-01T00:00:00Z", deployment=_deployment(ready=2), previous=previous)
+    times = {c.type: c.last_transition_time for c in ready.conditions}
+    assert times == {
+        "Ready": "2031-01-01T00:00:00Z",
+        "Reconciling": "2031-01-01T00:00:00Z",
+        "Stalled": NOW,
+    }
+
+
+def test_events_on_readiness_transitions_only() -> None:
+    progressing = _compute(deployment=_deployment(ready=1))
+    previous = [c.model_dump(by_alias=True) for c in progressing.conditions]
+    assert status.transition(previous, progressing) is None
+    event = status.transition(previous, _compute(deployment=_deployment(ready=2)))
+    assert event == status.Event("Normal", "Available", "2/2 replicas ready")
+
+
+def test_autoscaled_desired_count_comes_from_the_deployment() -> None:
+    scaled = api.ModelDeploymentSpec.model_validate(
+        {"model": {"uri": "s3://m/iris.onnx"}, "autoscaling": {"minReplicas": 1}}
+    )
+    deployment = _deployment(ready=2)
+    result = _compute(spec=scaled, deployment=deployment)
+    assert result.replica_summary == "2/2"
+    assert _conditions(result)["Ready"].status == "True"
