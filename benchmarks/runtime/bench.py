@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,6 @@ REPO = HERE.parents[1]
 BENCH_VENV = Path.home() / ".cache" / "modeldeploy" / "bench-venv"
 PEER_PACKAGES = ["nvidia-pytriton", "mlserver", "fastapi", "uvicorn", "onnxruntime", "numpy"]
 SERVER_CORE, LOAD_CORE = "0", "1"
-PORT = 18080
 MODELS = {"small": [64, 128, 10], "heavy": [2048, 4096, 4096, 4096, 1000]}
 
 
@@ -149,6 +149,23 @@ def wrk(url: str, body: Path, connections: int, duration: int) -> dict[str, floa
     }
 
 
+def free_port_block() -> int:
+    """A port whose next two are free too (HTTP, gRPC, metrics)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port + 2 > 65535:
+            continue
+        try:
+            for offset in (1, 2):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+
+
 def metric_sum(url: str, name: str) -> float:
     text = urllib.request.urlopen(url).read().decode()
     return sum(
@@ -202,9 +219,11 @@ def main() -> None:
     rng = np.random.default_rng(1)
     paths = {name: build_mlp(work / f"{name}.onnx", widths) for name, widths in MODELS.items()}
     ours = str(Path(sys.executable).parent / "modeldeploy-runtime")
+    ports = [0]
 
     def commands(kind: str, model: str, quantization: str = "none") -> list[str]:
         path = str(paths[model])
+        port = ports[0]
         if kind == "modeldeploy":
             return [
                 ours,
@@ -214,14 +233,14 @@ def main() -> None:
                 "--model-name",
                 model,
                 "--http-port",
-                str(PORT),
+                str(port),
                 "--grpc-port",
-                str(PORT + 1),
+                str(port + 1),
                 "--quantization",
                 quantization,
             ]
         assert peer_python is not None
-        return [str(peer_python), str(HERE / "peers.py"), kind, path, model, str(PORT)]
+        return [str(peer_python), str(HERE / "peers.py"), kind, path, model, str(port)]
 
     def run(kind: str, model: str, quantization: str = "none") -> dict[int, dict[str, float]]:
         features = MODELS[model][0]
@@ -243,7 +262,8 @@ def main() -> None:
                 }
             )
         )
-        base = f"http://127.0.0.1:{PORT}"
+        ports[0] = free_port_block()
+        base = f"http://127.0.0.1:{ports[0]}"
         results = {}
         env_label = f"{kind}-{model}-{quantization}"
         with server(

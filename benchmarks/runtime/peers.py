@@ -7,8 +7,7 @@ thread (the server is pinned to one core), batching like ours where the server h
 it: at most 32 examples, at most 5 ms of waiting.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI resolves the handler's annotations.
 import json
 import sys
 import tempfile
@@ -78,7 +77,7 @@ def mlserver(path: str, name: str, port: int) -> None:
         json.dumps(
             {
                 "name": name,
-                "implementation": "peers.MLServerOnnx",
+                "implementation": "peer_mlserver.MLServerOnnx",
                 "max_batch_size": MAX_BATCH,
                 "max_batch_time": MAX_DELAY_S,
                 "parameters": {"uri": path},
@@ -87,26 +86,6 @@ def mlserver(path: str, name: str, port: int) -> None:
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     subprocess.run([str(Path(sys.executable).parent / "mlserver"), "start", str(root)], env=env)
-
-
-try:
-    from mlserver import MLModel
-    from mlserver.codecs import NumpyCodec
-    from mlserver.types import InferenceRequest, InferenceResponse
-
-    class MLServerOnnx(MLModel):  # type: ignore[misc]
-        async def load(self) -> bool:
-            self._session = session(self.settings.parameters.uri)
-            return True
-
-        async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-            x = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32)
-            y = self._session.run(None, {"x": x})[0]
-            return InferenceResponse(
-                model_name=self.name, outputs=[NumpyCodec.encode_output("probabilities", y)]
-            )
-except ImportError:  # the other peers run without MLServer installed
-    pass
 
 
 def naive(path: str, name: str, port: int) -> None:

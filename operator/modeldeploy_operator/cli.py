@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -70,6 +71,45 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.set_defaults(func=_run)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from modeldeploy_operator import localserve
+
+    try:
+        return localserve.serve(
+            args.file,
+            name=args.name,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            workdir=args.workdir,
+            pvc_root=args.pvc_root,
+        )
+    except localserve.ServeError as error:
+        print(f"modeldeploy serve: {error}", file=sys.stderr)
+        return 2
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve a ModelDeployment's model on this machine, no cluster needed"
+    )
+    serve.add_argument("-f", "--file", type=Path, required=True, help="a ModelDeployment YAML")
+    serve.add_argument("--name", help="which ModelDeployment, when the file holds several")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--http-port", type=int, default=8080)
+    serve.add_argument("--grpc-port", type=int, default=8081)
+    serve.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".modeldeploy"),
+        help="where the model is fetched and cached (default ./.modeldeploy)",
+    )
+    serve.add_argument(
+        "--pvc-root", type=Path, default=Path("."), help="pvc://<claim>/<path> reads <root>/<claim>"
+    )
+    serve.set_defaults(func=_serve)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modeldeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cluster.set_defaults(func=_cluster)
     _add_run(commands)
+    _add_serve(commands)
     return parser
 
 

@@ -107,10 +107,11 @@ class PrometheusSource:
         )
         w = self._window
         requests = f"sum(rate({telemetry.REQUESTS}_total{{{selector}}}[{w}]))"
+        failed = f'sum(rate({telemetry.REQUESTS}_total{{{selector},outcome!="success"}}[{w}]))'
         latency = f"sum by (le) (rate({telemetry.LATENCY}_bucket{{{selector}}}[{w}]))"
         return {
             "rps": requests,
-            "failed": f'sum(rate({telemetry.REQUESTS}_total{{{selector},outcome!="success"}}[{w}]))',
+            "failed": failed,
             "p50": f"histogram_quantile(0.5, {latency})",
             "p99": f"histogram_quantile(0.99, {latency})",
             "batch": (

@@ -63,7 +63,9 @@ class Kube:
         if "KUBERNETES_SERVICE_HOST" in os.environ:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
             return cls(client.ApiClient())
-        return cls(config.new_client_from_config())  # type: ignore[no-untyped-call]
+        # Read $KUBECONFIG now: the client library reads it once, when first imported.
+        kubeconfig = os.environ.get("KUBECONFIG") or config.KUBE_CONFIG_DEFAULT_LOCATION
+        return cls(config.new_client_from_config(config_file=kubeconfig))  # type: ignore[no-untyped-call]
 
     def _request(
         self,

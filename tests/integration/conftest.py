@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 import pytest
 from kopf.testing import KopfRunner
 from operator_helpers import install_crd, running_operator
+
 from support import Cluster
 
 
@@ -27,6 +28,8 @@ def start_operator(
 
 
 @pytest.fixture
-def operator(start_operator: Callable[[], AbstractContextManager[KopfRunner]]) -> Iterator[KopfRunner]:
+def operator(
+    start_operator: Callable[[], AbstractContextManager[KopfRunner]],
+) -> Iterator[KopfRunner]:
     with start_operator() as runner:
         yield runner

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kopf.testing import KopfRunner
-from support import Cluster
 
 from modeldeploy_operator import crd
+from modeldeploy_operator import spec as api
+from support import Cluster
 
 T = TypeVar("T")
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
@@ -23,7 +24,7 @@ def install_crd(cluster: Cluster) -> None:
     # Client-side apply on purpose: users do it, and it caps the schema's size.
     cluster.kubectl("apply", "-f", str(crd.CRD_PATH))
     cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd.spec.PLURAL}.{crd.spec.GROUP}"
+        "wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}"
     )
 
 
