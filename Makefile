@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint unit demo demo-down cluster-up cluster-down clean
+.PHONY: venv tools test lint unit demo demo-down cluster-up cluster-down clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +19,18 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint
+# System tools the tests use that no Python or Go registry provides: Lua for the Argo CD health check.
+tools:
+	command -v lua5.4 >/dev/null || (apt-get update && apt-get install -y lua5.4)
+
+test: lint tools
 	$(BIN)/pytest
 
 demo: venv
-	$(BIN)/modeldeploy cluster up
-	$(BIN)/kubectl --kubeconfig "$$($(BIN)/modeldeploy cluster kubeconfig)" get nodes -o wide
+	$(BIN)/python demo/run.py
 
 demo-down: venv
-	$(BIN)/modeldeploy cluster down
+	$(BIN)/python demo/run.py --down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

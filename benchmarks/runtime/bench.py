@@ -268,7 +268,7 @@ def main() -> None:
         env_label = f"{kind}-{model}-{quantization}"
         with server(
             commands(kind, model, quantization),
-            f"{base}/v2/health/ready",
+            f"{base}/v2/models/{model}/ready",
             work / f"{env_label}.log",
         ):
             url = f"{base}/v2/models/{model}/infer"
@@ -355,6 +355,8 @@ def main() -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    if any(row[-1] not in ("0", "-") and not row[-1].startswith("0 ") for row in rows):
+        notes.append("rows with non-2xx responses measured errors, not inference")
     for note in notes:
         print("note:", note)
 

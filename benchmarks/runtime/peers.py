@@ -95,7 +95,7 @@ def naive(path: str, name: str, port: int) -> None:
     model = session(path)
     app = FastAPI()
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/models/{model_name}/ready")
     async def ready() -> dict[str, bool]:
         return {"ready": True}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,10 @@ def _run(args: argparse.Namespace) -> int:
 
     log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=args.verbose, log_format=log_format)
+    if not args.verbose:
+        # kopf logs every handled watch event; at a thousand models that is noise. Failures
+        # are still logged, and the reconciler logs every write it makes.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     prometheus_client.start_http_server(args.metrics_port)
     kopf.run(
         clusterwide=not args.namespace,

@@ -48,6 +48,13 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["reconciler"] = reconcile.Reconciler(kube.Kube.from_environment(), runtime_image)
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In a pod the service account; elsewhere $KUBECONFIG as it is now (kopf's default handler
+    # goes through the client library, which reads it only once, when first imported).
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 def _plain(body: kopf.Body) -> dict[str, Any]:
     # kopf's bodies are live views; the indexes keep a snapshot.
     return copy.deepcopy(dict(body))

@@ -12,6 +12,7 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
+import prometheus_client
 from kubernetes import client, config
 from kubernetes.client import exceptions
 
@@ -22,6 +23,11 @@ Object = dict[str, Any]
 FIELD_MANAGER = "modeldeploy"
 USER_AGENT = "modeldeploy-operator"
 ApiError = exceptions.ApiException
+API_REQUESTS = prometheus_client.Counter(
+    "modeldeploy_operator_api_requests",
+    "Requests the operator's reconciler sent to the API server (kopf's watches not included).",
+    ["verb", "resource"],
+)
 
 MODEL_DEPLOYMENT = builders.Kind(f"{api.GROUP}/{api.VERSION}", api.KIND, api.PLURAL)
 EVENT = builders.Kind("v1", "Event", "events")
@@ -70,6 +76,7 @@ class Kube:
     def _request(
         self,
         method: str,
+        resource: str,
         path: str,
         *,
         query: list[tuple[str, str]] | None = None,
@@ -84,6 +91,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
+        API_REQUESTS.labels(method, resource).inc()
         response = self._api.call_api(*request)
         response.read()  # type: ignore[no-untyped-call]
         text = response.data.decode() if response.data else ""
@@ -97,6 +105,7 @@ class Kube:
         metadata = obj["metadata"]
         return self._request(
             "PATCH",
+            kind.plural,
             _path(kind, metadata["namespace"], metadata["name"]),
             query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
             body=obj,
@@ -108,6 +117,7 @@ class Kube:
         try:
             self._request(
                 "DELETE",
+                kind.plural,
                 _path(kind, namespace, name),
                 body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
             )
@@ -117,7 +127,7 @@ class Kube:
 
     def get_model_deployment(self, namespace: str, name: str) -> Object | None:
         try:
-            return self._request("GET", _path(MODEL_DEPLOYMENT, namespace, name))
+            return self._request("GET", api.PLURAL, _path(MODEL_DEPLOYMENT, namespace, name))
         except ApiError as error:
             if error.status == 404:
                 return None
@@ -126,6 +136,7 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: Object) -> Object:
         return self._request(
             "PATCH",
+            f"{api.PLURAL}/status",
             _path(MODEL_DEPLOYMENT, namespace, name) + "/status",
             query=[("fieldManager", FIELD_MANAGER)],
             body={"status": status},
@@ -137,6 +148,7 @@ class Kube:
         timestamp = now()
         self._request(
             "POST",
+            EVENT.plural,
             _path(EVENT, metadata["namespace"]),
             body={
                 "apiVersion": "v1",

@@ -90,14 +90,15 @@ def compute(observation: Observation, now: str) -> api.ModelDeploymentStatus:
 
 
 def transition(previous: list[Object], current: api.ModelDeploymentStatus) -> Event | None:
-    """The Event to emit when readiness changed (its status or its reason), else None."""
+    """The Event to emit: readiness changed, or a problem someone must act on appeared."""
     before = next((c for c in previous if c.get("type") == "Ready"), {})
     ready = next(c for c in current.conditions if c.type == "Ready")
-    if (before.get("status"), before.get("reason")) == (ready.status, ready.reason):
-        return None
     stalled = any(c.type == "Stalled" and c.status == "True" for c in current.conditions)
     warning = stalled or ready.reason == "PodsUnschedulable"
-    return Event("Warning" if warning else "Normal", ready.reason, ready.message)
+    flipped = before and before.get("status") != ready.status
+    if flipped or (warning and before.get("reason") != ready.reason):
+        return Event("Warning" if warning else "Normal", ready.reason, ready.message)
+    return None
 
 
 def _condition(

@@ -29,12 +29,14 @@ StartOperator = Callable[[], AbstractContextManager[KopfRunner]]
 def test_resync_of_an_unchanged_object_makes_zero_writes(
     cluster: Cluster, namespace: str, start_operator: StartOperator
 ) -> None:
+    start = cluster.audit_log.stat().st_size
     with start_operator():
         apply_md(cluster, namespace, "iris", SPEC)
         apply_md(cluster, namespace, "scaled", {"model": SPEC["model"], "autoscaling": {}})
         wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"))
         wait_for("scaled Ready", lambda: ready_md(cluster, namespace, "scaled"))
         time.sleep(2)  # the last status writes echo back through the watches
+        assert operator_writes(cluster.audit_log, start, namespace), "the audit filter sees none"
         offset = cluster.audit_log.stat().st_size
         # A change that is not the operator's business still triggers a reconcile of the owner.
         cluster.kubectl("label", "deployment", "iris", "-n", namespace, "team=ml")
@@ -51,6 +53,7 @@ def test_resync_of_an_unchanged_object_makes_zero_writes(
 def test_restart_in_the_middle_of_a_rollout_converges(
     cluster: Cluster, namespace: str, start_operator: StartOperator
 ) -> None:
+    start = cluster.audit_log.stat().st_size
     with start_operator():
         apply_md(cluster, namespace, "iris", SPEC)
         wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"))

@@ -94,8 +94,10 @@ def test_under_autoscaling_the_operator_never_writes_replicas(
         ),
     )
     time.sleep(3)
-    deployment = get(cluster, namespace, "deployment", "scaled")
-    assert deployment is not None
+    shown = cluster.kubectl(
+        "get", "deployment", "scaled", "-n", namespace, "-o", "json", "--show-managed-fields"
+    )
+    deployment = json.loads(shown.stdout)
     assert deployment["spec"]["replicas"] == 3
     ours = [m for m in deployment["metadata"]["managedFields"] if m["manager"] == "modeldeploy"]
     assert ours

@@ -149,12 +149,15 @@ def test_last_transition_time_kept_while_status_holds() -> None:
     }
 
 
-def test_events_on_readiness_transitions_only() -> None:
+def test_events_on_readiness_transitions_and_problems_only() -> None:
     progressing = _compute(deployment=_deployment(ready=1))
+    assert status.transition([], progressing) is None  # a new object is not ready yet: no news
     previous = [c.model_dump(by_alias=True) for c in progressing.conditions]
     assert status.transition(previous, progressing) is None
     event = status.transition(previous, _compute(deployment=_deployment(ready=2)))
     assert event == status.Event("Normal", "Available", "2/2 replicas ready")
+    stalled = status.transition([], _compute(spec=None, spec_error="bad"))
+    assert stalled is not None and (stalled.type, stalled.reason) == ("Warning", "InvalidSpec")
 
 
 def test_autoscaled_desired_count_comes_from_the_deployment() -> None:

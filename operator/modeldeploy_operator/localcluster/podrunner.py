@@ -107,13 +107,14 @@ def _run_pod(pod: dict[str, Any], running: _RunningPod, workdir: Path, pvc_root:
                 _log(f"{running.name}: server exited with {code}")
 
 
-def _pods() -> list[dict[str, Any]]:
-    out = localcluster.kubectl("get", "pods", "--all-namespaces", "-l", SELECTOR, "-o", "json")
+def _pods(namespace: str | None) -> list[dict[str, Any]]:
+    where = ["--namespace", namespace] if namespace else ["--all-namespaces"]
+    out = localcluster.kubectl("get", "pods", *where, "-l", SELECTOR, "-o", "json")
     items: list[dict[str, Any]] = json.loads(out)["items"]
     return items
 
 
-def run(stop: threading.Event, interval: float = 1.0) -> None:
+def run(stop: threading.Event, namespace: str | None = None, interval: float = 1.0) -> None:
     """Keeps one local process tree per running runtime pod until `stop` is set."""
     root = build.cache_dir() / "pods"
     pvc_root = root / "pvc"
@@ -122,7 +123,7 @@ def run(stop: threading.Event, interval: float = 1.0) -> None:
     try:
         while not stop.is_set():
             live = {}
-            for pod in _pods():
+            for pod in _pods(namespace):
                 meta = pod["metadata"]
                 if pod.get("status", {}).get("podIP") and "deletionTimestamp" not in meta:
                     live[meta["uid"]] = pod

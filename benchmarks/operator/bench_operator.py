@@ -1,0 +1,200 @@
+"""Operator scale benchmark: N ModelDeployments against the local control plane.
+
+Prints, per N: seconds until every child exists, seconds until every ModelDeployment is Ready
+(for its current generation), the operator's writes and reads per ModelDeployment, its peak RSS,
+and its writes per minute at steady state. Not a test; run it on a quiet machine:
+
+    .venv/bin/python benchmarks/operator/bench_operator.py --counts 500 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+from kubernetes import client, config
+
+from modeldeploy_operator.localcluster import build
+from modeldeploy_operator.localcluster import cluster as localcluster
+
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+OPERATOR_AGENTS = ("modeldeploy-operator", "kopf/")
+HEALTH_PORT, METRICS_PORT = 28080, 29090
+
+
+def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
+    return subprocess.run(
+        [str(build.binaries().kubectl), "--kubeconfig", str(kubeconfig), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def _operator_writes(audit_log: Path, offset: int, namespace: str) -> int:
+    count = 0
+    with audit_log.open() as log:
+        log.seek(offset)
+        for line in log:
+            event = json.loads(line)
+            if (
+                event.get("stage") == "ResponseComplete"
+                and event["verb"] in WRITE_VERBS
+                and event.get("objectRef", {}).get("namespace") == namespace
+                and event.get("userAgent", "").startswith(OPERATOR_AGENTS)
+            ):
+                count += 1
+    return count
+
+
+def _operator_reads() -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("modeldeploy_operator_api_requests_total{") and 'verb="GET"' in line
+    )
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _model_deployments(namespace: str, count: int) -> str:
+    items = [
+        {
+            "apiVersion": "modeldeploy.io/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": f"m{i}", "namespace": namespace},
+            "spec": {"model": {"uri": f"s3://models/m{i}/1/model.onnx", "version": "1"}},
+        }
+        for i in range(count)
+    ]
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+
+
+def _wait(what: str, probe: Any, deadline: float) -> float:
+    start = time.monotonic()
+    while not probe():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(1)
+    return time.monotonic() - start
+
+
+def run(count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int) -> dict[str, float]:
+    namespace = f"bench-{count}-{uuid.uuid4().hex[:6]}"
+    _kubectl(kubeconfig, "create", "namespace", namespace)
+    api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    custom = client.CustomObjectsApi(api)
+    log = Path(tempfile.gettempdir()) / f"modeldeploy-bench-{namespace}.log"
+    operator = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("modeldeploy")),
+            "run",
+            "--namespace",
+            namespace,
+            "--health-port",
+            str(HEALTH_PORT),
+            "--metrics-port",
+            str(METRICS_PORT),
+            "--log-format",
+            "json",
+        ],
+        env=os.environ | {"KUBECONFIG": str(kubeconfig)},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(3)  # the operator's watches start
+        offset = audit_log.stat().st_size
+        started = time.monotonic()
+        deadline = started + 900
+        _kubectl(kubeconfig, "create", "-f", "-", input=_model_deployments(namespace, count))
+        created = time.monotonic() - started
+
+        def children_exist() -> bool:
+            names = _kubectl(
+                kubeconfig, "get", "deployments,services", "-n", namespace, "-o", "name"
+            )
+            return len(names.split()) >= 2 * count
+
+        def all_ready() -> bool:
+            listed = cast(
+                dict[str, Any],
+                custom.list_namespaced_custom_object(
+                    "modeldeploy.io", "v1alpha1", namespace, "modeldeployments"
+                ),
+            )
+            ready = 0
+            for md in listed["items"]:
+                status = md.get("status", {})
+                current = status.get("observedGeneration") == md["metadata"]["generation"]
+                conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+                ready += current and conditions.get("Ready") == "True"
+            return ready >= count
+
+        _wait("children", children_exist, deadline)
+        children_s = time.monotonic() - started
+        _wait("Ready", all_ready, deadline)
+        ready_s = time.monotonic() - started
+        time.sleep(5)  # let the last status writes settle before the steady-state window
+        writes = _operator_writes(audit_log, offset, namespace)
+        reads = _operator_reads()
+        steady_offset = audit_log.stat().st_size
+        time.sleep(steady_seconds)
+        steady_writes = _operator_writes(audit_log, steady_offset, namespace)
+        return {
+            "count": count,
+            "create_s": created,
+            "children_s": children_s,
+            "ready_s": ready_s,
+            "writes_per_md": writes / count,
+            "reads_per_md": reads / count,
+            "peak_rss_mib": _peak_rss_mib(operator.pid),
+            "steady_writes_per_min": steady_writes * 60 / steady_seconds,
+        }
+    finally:
+        operator.terminate()
+        operator.wait(timeout=60)
+        _kubectl(kubeconfig, "delete", "namespace", namespace, "--wait=false")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[500, 1000])
+    parser.add_argument("--steady-seconds", type=int, default=60)
+    args = parser.parse_args()
+    state = localcluster.up()
+    results = [
+        run(count, state.kubeconfig, state.audit_log, args.steady_seconds) for count in args.counts
+    ]
+    print(
+        f"{'MDs':>5} {'create s':>9} {'children s':>11} {'Ready s':>8} {'writes/MD':>10} "
+        f"{'reads/MD':>9} {'peak RSS MiB':>13} {'steady writes/min':>18}"
+    )
+    for r in results:
+        print(
+            f"{r['count']:>5} {r['create_s']:>9.1f} {r['children_s']:>11.1f} {r['ready_s']:>8.1f} "
+            f"{r['writes_per_md']:>10.2f} {r['reads_per_md']:>9.2f} {r['peak_rss_mib']:>13.0f} "
+            f"{r['steady_writes_per_min']:>18.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""`make demo`: the whole product on this machine, from nothing to live metrics in `kubectl get md`.
+
+Brings up the local cluster (building it the first time), installs the CRD, starts the operator
+and the local pod runner (real runtime processes behind the simulated pods), trains a small model,
+applies its ModelDeployment, waits until it is Ready, sends real traffic with an unchanged Open
+Inference Protocol client, and ends by showing the ModelDeployment with its live metrics. Everything
+keeps running afterwards; `make demo-down` (this script with `--down`) stops it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.http as triton_http
+
+from modeldeploy_operator.localcluster import build
+from modeldeploy_operator.localcluster import cluster as localcluster
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAMESPACE = "demo"
+NAME = "iris"
+STARTED = time.monotonic()
+
+
+def step(message: str) -> None:
+    print(f"[demo {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+
+
+def demo_dir() -> Path:
+    return build.cache_dir() / "demo"
+
+
+def _background(name: str, argv: list[str]) -> None:
+    """Starts a process that outlives this script; its pid goes where --down finds it."""
+    pid_file = demo_dir() / f"{name}.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        step(f"{name} already running (pid {pid_file.read_text()})")
+        return
+    log = (demo_dir() / f"{name}.log").open("ab")
+    env = os.environ | {"KUBECONFIG": str(localcluster.kubeconfig_path())}
+    process = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    pid_file.write_text(str(process.pid))
+    step(f"started {name} (pid {process.pid}, log {demo_dir() / f'{name}.log'})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(what: str, check: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: {what} did not happen within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _md() -> dict[str, Any]:
+    text = localcluster.kubectl("get", "md", NAME, "-n", NAMESPACE, "-o", "json", check=False)
+    return json.loads(text) if text else {}
+
+
+def _ready() -> bool:
+    conditions = _md().get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _traffic(url: str, seconds: float, clients: int) -> tuple[int, list[float]]:
+    """Concurrent single-example requests for `seconds`; returns (count, latencies)."""
+    rng = np.random.default_rng(1)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client_loop() -> None:
+        client = triton_http.InferenceServerClient(url)
+        tensor = triton_http.InferInput("input", [1, 4], "FP32")
+        mine = []
+        while time.monotonic() < stop:
+            tensor.set_data_from_numpy(rng.normal([5.8, 3.0, 3.8, 1.2], 0.5, (1, 4)).astype("f4"))
+            started = time.perf_counter()
+            client.infer(NAME, [tensor])
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies), latencies
+
+
+def up(traffic_seconds: float) -> None:
+    demo_dir().mkdir(parents=True, exist_ok=True)
+    step("local cluster: building it the first time (many minutes), then starting it")
+    localcluster.up()
+    step("installing the ModelDeployment CRD")
+    localcluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    localcluster.kubectl(
+        "wait", "--for=condition=Established", "crd/modeldeployments.modeldeploy.io"
+    )
+    _background(
+        "operator",
+        [str(BIN / "modeldeploy"), "run", "--health-port", "18090", "--metrics-port", "18091",
+         "--metrics-interval", "5"],
+    )  # fmt: skip
+    _background("pod-runner", [str(BIN / "modeldeploy"), "cluster", "run-pods"])
+
+    model = demo_dir() / "iris.onnx"
+    step("training the demo model (an MLP classifier on generated data) and exporting it to ONNX")
+    subprocess.run(
+        [sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(model)], check=True
+    )
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    manifest = {
+        "apiVersion": "modeldeploy.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": NAME, "namespace": NAMESPACE},
+        "spec": {
+            "model": {"uri": f"file://{model}", "sha256": digest, "version": "1"},
+            "quantization": "dynamic-int8",
+            "runtime": {"maxBatchSize": 16, "maxBatchDelayMs": 2},
+            "replicas": 2,
+        },
+    }
+    localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    step(f"applying ModelDeployment {NAMESPACE}/{NAME} (model sha256 {digest[:12]}...)")
+    localcluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    _wait_for("the ModelDeployment becoming Ready", _ready, 120)
+    step("Ready; waiting for the runtime processes behind its pods to answer")
+    pods = json.loads(
+        localcluster.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={NAME}", "-o", "json"
+        )
+    )["items"]
+    urls = [f"{p['status']['podIP']}:8080" for p in pods if p["status"].get("podIP")]
+
+    def all_serving() -> bool:
+        try:
+            return all(triton_http.InferenceServerClient(u).is_model_ready(NAME) for u in urls)
+        except Exception:
+            return False
+
+    _wait_for("the runtime servers answering", all_serving, 120)
+    step(f"sending {traffic_seconds:.0f}s of traffic from 8 clients to {', '.join(urls)}")
+    results: list[tuple[int, list[float]]] = []
+    threads = [
+        threading.Thread(target=lambda u=u: results.append(_traffic(u, traffic_seconds, 4)))
+        for u in urls
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = sum(count for count, _ in results)
+    latencies = [latency for _, pod_latencies in results for latency in pod_latencies]
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    step(f"the clients saw {total / traffic_seconds:.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    _wait_for("live metrics in status", lambda: _md().get("status", {}).get("metrics"), 60)
+    print(localcluster.kubectl("get", "md", "-n", NAMESPACE), end="")
+    print(json.dumps(_md()["status"]["metrics"], indent=2))
+    step("done; everything keeps running. `make demo-down` stops it and deletes the cluster")
+
+
+def down() -> None:
+    for name in ("pod-runner", "operator"):
+        pid_file = demo_dir() / f"{name}.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            if _alive(pid):
+                os.killpg(pid, signal.SIGTERM)
+                _wait_for(f"{name} stopping", lambda pid=pid: not _alive(pid), 60)
+            pid_file.unlink()
+            step(f"stopped {name}")
+    localcluster.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--down", action="store_true", help="stop everything the demo started")
+    parser.add_argument("--traffic-seconds", type=float, default=20)
+    args = parser.parse_args()
+    down() if args.down else up(args.traffic_seconds)
+
+
+if __name__ == "__main__":
+    main()

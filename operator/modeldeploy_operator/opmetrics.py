@@ -1,0 +1,48 @@
+"""The operator's own Prometheus metrics, served on `modeldeploy run --metrics-port`.
+
+``modeldeploy_operator_reconciles_total{result}`` (counter)
+    Reconciles by result: ``success``, ``invalid`` (a spec the operator cannot act on) or
+    ``error`` (an API failure that kopf retries).
+``modeldeploy_operator_reconcile_duration_seconds`` (histogram)
+    Time of one reconcile.
+``modeldeploy_operator_children_total{kind, action}`` (counter)
+    Child objects ``created``, ``updated``, ``deleted`` (no longer wanted) or ``repaired``
+    (put back after someone edited or deleted them).
+``modeldeploy_operator_api_writes_total{verb, resource}`` (counter)
+    Every write the operator makes to the API server (apply, patch, delete, create).
+``modeldeploy_operator_metrics_collections_total{source, result}`` (counter)
+    Runs of the metrics summary per ModelDeployment: ``source`` is ``prometheus`` or
+    ``direct``; ``result`` is ``written``, ``unchanged`` (not material: no write), ``no_data``
+    or ``error``.
+``modeldeploy_operator_metrics_collection_duration_seconds{source}`` (histogram)
+    Time to collect one ModelDeployment's metrics.
+"""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+RECONCILES = prom.Counter(
+    "modeldeploy_operator_reconciles", "Reconciles of ModelDeployments by result.", ["result"]
+)
+RECONCILE_DURATION = prom.Histogram(
+    "modeldeploy_operator_reconcile_duration_seconds", "Time of one reconcile."
+)
+CHILDREN = prom.Counter(
+    "modeldeploy_operator_children",
+    "Child objects created, updated, deleted or repaired.",
+    ["kind", "action"],
+)
+API_WRITES = prom.Counter(
+    "modeldeploy_operator_api_writes", "Writes to the API server.", ["verb", "resource"]
+)
+METRICS_COLLECTIONS = prom.Counter(
+    "modeldeploy_operator_metrics_collections",
+    "Metric summaries of ModelDeployments by source and result.",
+    ["source", "result"],
+)
+METRICS_COLLECTION_DURATION = prom.Histogram(
+    "modeldeploy_operator_metrics_collection_duration_seconds",
+    "Time to collect the metrics of one ModelDeployment.",
+    ["source"],
+)
