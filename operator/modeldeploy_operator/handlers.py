@@ -22,6 +22,7 @@ DEFAULT_RUNTIME_IMAGE = "ghcr.io/modeldeploy/modeldeploy-runtime:0.1.0"
 POD = builders.Kind("v1", "Pod", "pods")
 _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
+_CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
 
 
 def _index_id(kind: builders.Kind) -> str:
@@ -151,19 +152,12 @@ def _child_changed(
     key = (namespace, instance)
     mds = list(kwargs["model_deployments_index"].get(key, []))
     md: dict[str, Any] | None = mds[0] if mds else None
-    if change == "DELETED" and resource.plural != POD.plural and md is not None:
+    gone = _CHILD_KINDS_BY_PLURAL.get(resource.plural) if change == "DELETED" else None
+    if gone is not None and md is not None:
         # The owner may be gone already with its deletion not yet seen by our watch: do not
         # recreate a child the garbage collector just removed.
         md = reconciler.reread(namespace, instance)
     if md is not None:
-        gone = next(
-            (
-                k
-                for k in builders.CHILD_KINDS
-                if change == "DELETED" and k.plural == resource.plural
-            ),
-            None,
-        )
         reconciler.reconcile(md, _observed(kwargs, key, md["metadata"]["uid"]), gone=gone)
 
 

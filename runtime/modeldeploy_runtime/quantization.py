@@ -55,20 +55,22 @@ def quantize(
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / name
     logger.info("quantizing %s (%s) into %s", source, mode.value, target)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=target_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # ONNX Runtime's quantizer writes scratch files (<stem>-inferred.onnx) beside its input,
+    # and the model's own folder may be read-only: give it a linked copy in a scratch folder.
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".quantize-") as scratch:
+        linked = Path(scratch) / source.name
+        linked.symlink_to(source.resolve())
+        tmp = Path(scratch) / name
         if mode is settings.Quantization.DYNAMIC_INT8:
             # Per-channel scales: same speed, and top-1 agreement went from 95% to 99%
             # on the benchmark's heavy model.
-            ortq.quantize_dynamic(source, tmp, weight_type=ortq.QuantType.QInt8, per_channel=True)
+            ortq.quantize_dynamic(linked, tmp, weight_type=ortq.QuantType.QInt8, per_channel=True)
         else:
             if calibration is None:
                 raise ValueError("static-int8 quantization needs calibration samples")
             # U8 activations with S8 weights is what the x86 INT8 kernels are fastest at.
             ortq.quantize_static(
-                source,
+                linked,
                 tmp,
                 _SampleReader(calibration),
                 quant_format=ortq.QuantFormat.QDQ,
@@ -77,8 +79,6 @@ def quantize(
                 per_channel=True,
             )
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,21 +79,44 @@ def test_cache_is_reused(heavy_copy: Path, tmp_path: Path) -> None:
     assert first.stat().st_mtime_ns == written
 
 
-def test_cache_goes_to_the_cache_dir_when_the_model_dir_is_read_only(
-    heavy_copy: Path, tmp_path: Path
-) -> None:
-    mode = settings.Quantization.DYNAMIC_INT8
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    source = Path(shutil.copy(heavy_copy, read_only / "other.onnx"))
-    read_only.chmod(0o555)
+def test_cache_goes_to_the_cache_dir_when_the_model_dir_is_read_only(heavy_copy: Path) -> None:
+    # Root ignores directory permissions: as root, the quantizer runs without the capabilities
+    # that let it (setpriv, from util-linux).
+    base = Path(tempfile.mkdtemp())
     try:
-        if os.access(read_only, os.W_OK):
-            pytest.skip("running as root: directory permissions are not enforced")
-        cached = quantization.quantize(source, mode, None, tmp_path / "cache")
-        assert cached.parent == tmp_path / "cache"
+        base.chmod(0o755)
+        read_only, cache = base / "read-only", base / "cache"
+        read_only.mkdir()
+        cache.mkdir()
+        source = Path(shutil.copy(heavy_copy, read_only / "other.onnx"))
+        source.chmod(0o444)
+        read_only.chmod(0o555)
+        script = (
+            "import sys; from pathlib import Path; "
+            "from modeldeploy_runtime import quantization, settings; "
+            "print(quantization.quantize(Path(sys.argv[1]), "
+            "settings.Quantization.DYNAMIC_INT8, None, Path(sys.argv[2])))"
+        )
+        unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        result = subprocess.run(
+            [
+                *(unprivileged if os.geteuid() == 0 else []),
+                sys.executable,
+                "-c",
+                script,
+                str(source),
+                str(cache),
+            ],
+            cwd=base,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert Path(result.stdout.strip()).parent == cache
+        assert list(read_only.iterdir()) == [source]
     finally:
         read_only.chmod(0o755)
+        shutil.rmtree(base)
 
 
 def test_served_quantized_model_exports_accuracy_and_reuses_its_cache(
