@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gitops_health import Health, argocd_health, kstatus, lua_literal
 
+from gitops_health import Health, argocd_health, kstatus, lua_literal
 from modeldeploy_operator import builders, status
 from modeldeploy_operator import spec as api
 

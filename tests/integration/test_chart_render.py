@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chart_helm import CHART, helm, render, set_flags
 
+from chart_helm import CHART, helm, render, set_flags
 from modeldeploy_operator.localcluster import build
 
 pytestmark = pytest.mark.integration

@@ -53,7 +53,6 @@ def test_resync_of_an_unchanged_object_makes_zero_writes(
 def test_restart_in_the_middle_of_a_rollout_converges(
     cluster: Cluster, namespace: str, start_operator: StartOperator
 ) -> None:
-    start = cluster.audit_log.stat().st_size
     with start_operator():
         apply_md(cluster, namespace, "iris", SPEC)
         wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"))

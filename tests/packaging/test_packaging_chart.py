@@ -8,8 +8,8 @@ import tomllib
 from pathlib import Path
 
 import yaml
-from chart_helm import CHART
 
+from chart_helm import CHART
 from modeldeploy_operator import handlers
 from modeldeploy_runtime import metrics
 
