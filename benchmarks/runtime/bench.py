@@ -3,8 +3,9 @@
     nice .venv/bin/python benchmarks/runtime/bench.py [--duration 10] [--quick]
 
 Run from the repository root with the project's virtualenv.  The peers are installed
-into their own virtualenv (``~/.cache/modeldeploy/bench-venv``, created on first use)
-because their pins conflict with ours.  Every server gets core 0 (``taskset``), wrk
+into their own virtualenv (``~/.cache/modeldeploy/bench-venv-debian``, created on
+first use) because their pins conflict with ours; ``peer_base_python`` says which
+Python builds it.  Every server gets core 0 (``taskset``), wrk
 gets core 1, so the load generator never competes with the server.  Load: single-
 example v2 JSON POSTs from wrk at 32 and 128 connections.  Prints one table.
 """
@@ -32,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-BENCH_VENV = Path.home() / ".cache" / "modeldeploy" / "bench-venv"
+BENCH_VENV = Path.home() / ".cache" / "modeldeploy" / "bench-venv-debian"
 PEER_PACKAGES = ["nvidia-pytriton", "mlserver", "fastapi", "uvicorn", "onnxruntime", "numpy"]
 SERVER_CORE, LOAD_CORE = "0", "1"
 MODELS = {"small": [64, 128, 10], "heavy": [2048, 4096, 4096, 4096, 1000]}
@@ -70,15 +71,33 @@ def build_mlp(path: Path, widths: list[int]) -> Path:
     return path
 
 
+def peer_base_python() -> str:
+    """The interpreter the peers' virtualenv is built from: Debian's python3.11 if present.
+
+    PyTriton runs each model in Triton's Python backend stub, a binary linked against
+    the system's ``libpython3.11.so`` (Debian's 3.11.2) that imports the stdlib of the
+    virtualenv's base Python.  A newer 3.11 (pyenv's 3.11.7) has a stdlib that calls
+    ``RLock._recursion_count``, which 3.11.2's C core lacks, and the stub dies with an
+    AttributeError before any model loads.  Debian's interpreter matches the library
+    the stub links, so it is the only safe base when it exists.
+    """
+    system = Path("/usr/bin/python3.11")
+    return str(system) if system.exists() else sys.executable
+
+
 def ensure_peer_venv() -> Path | None:
     python = BENCH_VENV / "bin" / "python"
+    # Written only after a complete install, so a failed one is retried next run.
+    installed = BENCH_VENV / "installed.txt"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([peer_base_python(), "-m", "venv", str(BENCH_VENV)], check=True)
+    if not installed.exists() or installed.read_text().split() != PEER_PACKAGES:
         command = [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"peer install failed: {' '.join(command)}\n{result.stderr[-2000:]}")
             return None
+        installed.write_text("\n".join(PEER_PACKAGES))
     return python
 
 
