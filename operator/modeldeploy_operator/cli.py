@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
     import prometheus_client
 
-    from modeldeploy_operator import handlers
+    from modeldeploy_operator import handlers  # noqa: F401 (registers the handlers)
 
     log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=args.verbose, log_format=log_format)
@@ -48,7 +48,12 @@ def _run(args: argparse.Namespace) -> int:
         namespaces=args.namespace or (),
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
-        memo=kopf.Memo(runtime_image=args.runtime_image or handlers.DEFAULT_RUNTIME_IMAGE),
+        memo=kopf.Memo(
+            runtime_image=args.runtime_image,
+            prometheus_url=args.prometheus_url,
+            metrics_interval=args.metrics_interval,
+            metrics_window=args.metrics_window,
+        ),
     )
     return 0
 
@@ -66,6 +71,21 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=os.environ.get("MODELDEPLOY_RUNTIME_IMAGE"),
         help="runtime image for ModelDeployments that name none "
         "(default: $MODELDEPLOY_RUNTIME_IMAGE or the release's image)",
+    )
+    run.add_argument(
+        "--prometheus-url",
+        help="summarise status.metrics with PromQL from this Prometheus "
+        "(default: $MODELDEPLOY_PROMETHEUS_URL, else scrape the ready pods directly)",
+    )
+    run.add_argument(
+        "--metrics-interval",
+        type=float,
+        help="seconds between status.metrics updates (default 30; $MODELDEPLOY_METRICS_INTERVAL)",
+    )
+    run.add_argument(
+        "--metrics-window",
+        type=int,
+        help="seconds of history PromQL rates cover (default 60; $MODELDEPLOY_METRICS_WINDOW)",
     )
     run.add_argument("--log-format", choices=["json", "plain"], default="plain")
     run.add_argument("--verbose", action="store_true", help="debug logging")

@@ -8,14 +8,18 @@ baseline. Scrapes are bounded by a timeout and a process-wide limit on concurren
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from modeldeploy_operator import telemetry
+from modeldeploy_operator import opmetrics, telemetry
+
+logger = logging.getLogger(__name__)
 
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
 
@@ -47,6 +51,7 @@ class DirectSource:
     def __init__(self, concurrency: int = 32) -> None:
         self._limit = asyncio.Semaphore(concurrency)
         self._last: dict[tuple[str, str], tuple[float, telemetry.Counters]] = {}
+        self._pods_of: dict[tuple[str, str], set[str]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def _scrape(self, url: str, model: str) -> telemetry.Counters | None:
@@ -57,7 +62,10 @@ class DirectSource:
                 async with self._session.get(url) as response:
                     response.raise_for_status()
                     return telemetry.parse(await response.text(), model)
-            except (aiohttp.ClientError, TimeoutError):
+            except (aiohttp.ClientError, TimeoutError) as error:
+                # A pod that just became unready or is shutting down; the others still count.
+                opmetrics.METRICS_COLLECTIONS.labels("direct", "error").inc()
+                logger.debug("scraping %s: %s", url, error)
                 return None
 
     async def summary(self, target: Target) -> telemetry.Summary | None:
@@ -67,6 +75,7 @@ class DirectSource:
             *(self._scrape(target.pod_urls[n], target.model) for n in names)
         )
         now = time.monotonic()
+        self._forget_gone(target)
         windows, seconds = [], []
         for name, counters in zip(names, scraped, strict=True):
             if counters is None:
@@ -81,9 +90,16 @@ class DirectSource:
             return None
         return telemetry.summarise(windows, max(seconds))
 
-    def forget(self, namespace: str, pods: Iterable[str]) -> None:
-        for name in pods:
-            self._last.pop((namespace, name), None)
+    def _forget_gone(self, target: Target) -> None:
+        """Drops the baselines of this ModelDeployment's pods that are no longer ready."""
+        previous = self._pods_of.get((target.namespace, target.name), set())
+        for pod in previous - set(target.pod_urls):
+            self._last.pop((target.namespace, pod), None)
+        self._pods_of[(target.namespace, target.name)] = set(target.pod_urls)
+
+    def forget(self, namespace: str, name: str) -> None:
+        for pod in self._pods_of.pop((namespace, name), set()):
+            self._last.pop((namespace, pod), None)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -134,16 +150,13 @@ class PrometheusSource:
 
     async def summary(self, target: Target) -> telemetry.Summary | None:
         queries = self.queries(target)
-        try:
-            values = dict(
-                zip(
-                    queries,
-                    await asyncio.gather(*(self._query(q) for q in queries.values())),
-                    strict=True,
-                )
+        values = dict(
+            zip(
+                queries,
+                await asyncio.gather(*(self._query(q) for q in queries.values())),
+                strict=True,
             )
-        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
-            return None
+        )
         rps = values["rps"]
         if rps is None:
             return None
@@ -158,3 +171,44 @@ class PrometheusSource:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+Source = DirectSource | PrometheusSource
+WriteMetrics = Callable[[str, str, dict[str, Any]], Awaitable[object]]
+
+
+class MetricsWriter:
+    """One collection for one ModelDeployment: summarise, and write only what changed materially."""
+
+    def __init__(self, source: Source, write: WriteMetrics, interval: float) -> None:
+        self.source = source
+        self.interval = interval
+        self._write = write
+        self._source_name = "prometheus" if isinstance(source, PrometheusSource) else "direct"
+
+    async def collect(self, target: Target, written: Mapping[str, Any] | None) -> None:
+        source = self._source_name
+        with opmetrics.METRICS_COLLECTION_DURATION.labels(source).time():
+            try:
+                summary = await self.source.summary(target)
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as error:
+                opmetrics.METRICS_COLLECTIONS.labels(source, "error").inc()
+                logger.warning("metrics of %s/%s: %s", target.namespace, target.name, error)
+                return
+        if summary is None:
+            opmetrics.METRICS_COLLECTIONS.labels(source, "no_data").inc()
+            return
+        new = summary.as_status(_now())
+        if not telemetry.changed_materially(written, new):
+            opmetrics.METRICS_COLLECTIONS.labels(source, "unchanged").inc()
+            return
+        await self._write(target.namespace, target.name, new)
+        opmetrics.METRICS_COLLECTIONS.labels(source, "written").inc()
+
+    def forget(self, namespace: str, name: str) -> None:
+        if isinstance(self.source, DirectSource):
+            self.source.forget(namespace, name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -8,14 +8,16 @@ of its owner at once.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from modeldeploy_operator import builders, kube, reconcile
+from modeldeploy_operator import builders, collect, kube, reconcile
 from modeldeploy_operator import spec as api
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/modeldeploy/modeldeploy-runtime:0.1.0"
@@ -43,10 +45,64 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.posting.enabled = False
     # Peering would write a KopfPeering object every minute; run a single replica instead.
     settings.peering.standalone = True
-    runtime_image = memo.get("runtime_image") or os.environ.get(
-        "MODELDEPLOY_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE
+    client = kube.Kube.from_environment()
+    memo["reconciler"] = reconcile.Reconciler(
+        client, _setting(memo, "runtime_image", DEFAULT_RUNTIME_IMAGE)
     )
-    memo["reconciler"] = reconcile.Reconciler(kube.Kube.from_environment(), runtime_image)
+    prometheus_url = _setting(memo, "prometheus_url", "")
+    source: collect.Source = (
+        collect.PrometheusSource(prometheus_url, int(_setting(memo, "metrics_window", "60")))
+        if prometheus_url
+        else collect.DirectSource()
+    )
+
+    async def write(namespace: str, name: str, metrics: dict[str, Any]) -> None:
+        await asyncio.to_thread(client.patch_status, namespace, name, {"metrics": metrics})
+
+    interval = float(_setting(memo, "metrics_interval", "30"))
+    memo["metrics_writer"] = collect.MetricsWriter(source, write, interval)
+    # Resource handlers get a shallow copy of this memo: share state through containers in it.
+    memo["metrics_targets"] = {}
+    memo["indexes"] = {}
+
+
+def _setting(memo: Any, name: str, default: str) -> str:
+    """`modeldeploy run` puts its flags into the memo; else MODELDEPLOY_<NAME>, else default."""
+    value = memo.get(name) or os.environ.get(f"MODELDEPLOY_{name.upper()}") or default
+    return str(value)
+
+
+@kopf.on.startup()
+async def start_metrics(memo: Any, **_: Any) -> None:
+    memo["metrics_task"] = asyncio.create_task(_summarise_metrics(memo))
+
+
+@kopf.on.cleanup()
+async def stop_metrics(memo: Any, **_: Any) -> None:
+    memo["metrics_task"].cancel()
+    await memo["metrics_writer"].source.close()
+
+
+async def _summarise_metrics(memo: Any) -> None:
+    """Every interval, status.metrics of every ModelDeployment, from one loop.
+
+    One loop rather than a kopf timer per object: kopf puts a finalizer on objects with
+    timers, which is a write per object and something for GitOps tools to trip over.
+    """
+    writer: collect.MetricsWriter = memo["metrics_writer"]
+    limit = asyncio.Semaphore(32)
+
+    async def one(key: tuple[str, str], model: str, written: dict[str, Any] | None) -> None:
+        pods = list(memo["indexes"].get(POD, {}).get(key, []))
+        urls = collect.ready_pod_urls(pods, builders.HTTP_PORT)
+        async with limit:
+            await writer.collect(collect.Target(key[0], key[1], model, urls), written)
+
+    while True:
+        started = time.monotonic()
+        targets = list(memo["metrics_targets"].items())
+        await asyncio.gather(*(one(key, *value) for key, value in targets))
+        await asyncio.sleep(max(0.0, writer.interval - (time.monotonic() - started)))
 
 
 @kopf.on.login()
@@ -128,11 +184,25 @@ def model_deployment_changed(
 
 @kopf.on.event(*_MD, id="forget")
 def model_deployment_event(
-    event: kopf.RawEvent, namespace: str | None, name: str, memo: Any, **_: Any
+    event: kopf.RawEvent,
+    namespace: str | None,
+    name: str,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    memo: Any,
+    **kwargs: Any,
 ) -> None:
+    key = (namespace or "", name)
     if event["type"] == "DELETED":
         reconciler: reconcile.Reconciler = memo["reconciler"]
-        reconciler.forget(namespace or "", name)
+        reconciler.forget(*key)
+        memo["metrics_targets"].pop(key, None)
+        memo["metrics_writer"].forget(*key)
+        return
+    # What the metrics loop needs; the pods index is a live view, kept once.
+    memo["indexes"].setdefault(POD, kwargs[_index_id(POD)])
+    model = spec.get("model", {}).get("name") or name
+    memo["metrics_targets"][key] = (model, copy.deepcopy(status.get("metrics")))
 
 
 def _child_changed(

@@ -12,22 +12,16 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-import prometheus_client
 from kubernetes import client, config
 from kubernetes.client import exceptions
 
-from modeldeploy_operator import builders
+from modeldeploy_operator import builders, opmetrics
 from modeldeploy_operator import spec as api
 
 Object = dict[str, Any]
 FIELD_MANAGER = "modeldeploy"
 USER_AGENT = "modeldeploy-operator"
 ApiError = exceptions.ApiException
-API_REQUESTS = prometheus_client.Counter(
-    "modeldeploy_operator_api_requests",
-    "Requests the operator's reconciler sent to the API server (kopf's watches not included).",
-    ["verb", "resource"],
-)
 
 MODEL_DEPLOYMENT = builders.Kind(f"{api.GROUP}/{api.VERSION}", api.KIND, api.PLURAL)
 EVENT = builders.Kind("v1", "Event", "events")
@@ -91,7 +85,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        API_REQUESTS.labels(method, resource).inc()
+        opmetrics.API_REQUESTS.labels(method, resource).inc()
         response = self._api.call_api(*request)
         response.read()  # type: ignore[no-untyped-call]
         text = response.data.decode() if response.data else ""

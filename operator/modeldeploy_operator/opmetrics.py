@@ -8,8 +8,9 @@
 ``modeldeploy_operator_children_total{kind, action}`` (counter)
     Child objects ``created``, ``updated``, ``deleted`` (no longer wanted) or ``repaired``
     (put back after someone edited or deleted them).
-``modeldeploy_operator_api_writes_total{verb, resource}`` (counter)
-    Every write the operator makes to the API server (apply, patch, delete, create).
+``modeldeploy_operator_api_requests_total{verb, resource}`` (counter)
+    Every request the reconciler and the metrics writer send to the API server (kopf's watches
+    not included); every verb but GET is a write.
 ``modeldeploy_operator_metrics_collections_total{source, result}`` (counter)
     Runs of the metrics summary per ModelDeployment: ``source`` is ``prometheus`` or
     ``direct``; ``result`` is ``written``, ``unchanged`` (not material: no write), ``no_data``
@@ -33,8 +34,10 @@ CHILDREN = prom.Counter(
     "Child objects created, updated, deleted or repaired.",
     ["kind", "action"],
 )
-API_WRITES = prom.Counter(
-    "modeldeploy_operator_api_writes", "Writes to the API server.", ["verb", "resource"]
+API_REQUESTS = prom.Counter(
+    "modeldeploy_operator_api_requests",
+    "Requests the operator sent to the API server (kopf's watches not included).",
+    ["verb", "resource"],
 )
 METRICS_COLLECTIONS = prom.Counter(
     "modeldeploy_operator_metrics_collections",

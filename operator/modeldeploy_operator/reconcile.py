@@ -16,7 +16,7 @@ from typing import Any
 
 import pydantic
 
-from modeldeploy_operator import builders, diff, kube, status
+from modeldeploy_operator import builders, diff, kube, opmetrics, status
 from modeldeploy_operator import spec as api
 
 Object = dict[str, Any]
@@ -69,7 +69,7 @@ class Reconciler:
         if metadata.get("deletionTimestamp"):
             return  # the garbage collector removes the children
         key = (metadata["namespace"], metadata["name"])
-        with self._lock(key):
+        with self._lock(key), opmetrics.RECONCILE_DURATION.time():
             if gone is not None:
                 self._applied.pop((key, gone), None)
             latest = {
@@ -77,7 +77,12 @@ class Reconciler:
                 for kind in builders.CHILD_KINDS
                 if (child := self._latest(key, kind, observed.children.get(kind))) is not None
             }
-            self._reconcile(md, Observed(children=latest, pods=observed.pods), key)
+            try:
+                valid = self._reconcile(md, Observed(children=latest, pods=observed.pods), key)
+            except Exception:
+                opmetrics.RECONCILES.labels("error").inc()
+                raise
+            opmetrics.RECONCILES.labels("success" if valid else "invalid").inc()
 
     def _latest(self, key: Key, kind: builders.Kind, seen: Object | None) -> Object | None:
         """The newer of what the watch shows and what our last apply returned."""
@@ -89,7 +94,8 @@ class Reconciler:
             return seen
         return applied
 
-    def _reconcile(self, md: Mapping[str, Any], observed: Observed, key: Key) -> None:
+    def _reconcile(self, md: Mapping[str, Any], observed: Observed, key: Key) -> bool:
+        """Converges and writes the status; False when the spec or an apply was refused."""
         owner = builders.Owner(name=key[1], namespace=key[0], uid=md["metadata"]["uid"])
         spec: api.ModelDeploymentSpec | None = None
         spec_error = apply_error = None
@@ -103,7 +109,7 @@ class Reconciler:
         children = dict(observed.children)
         if spec is not None:
             try:
-                children = self._converge_children(key, owner, spec, children)
+                children = self._converge_children(key, owner, spec, children, _converged(md))
             except Exception as error:
                 if not kube.is_permanent(error):
                     raise
@@ -124,8 +130,9 @@ class Reconciler:
         computed = status.compute(observation, kube.now())
         new = computed.model_dump(by_alias=True, exclude_none=True, mode="json")
         ours = {k: v for k, v in stored.items() if k not in _FOREIGN_STATUS}
+        valid = spec_error is None and apply_error is None
         if new in (ours, self._written.get(key)):
-            return
+            return valid
         # A merge patch keeps the foreign keys; keys we no longer set are removed with null.
         patch: Object = {k: None for k in ours if k not in new} | new
         self._kube.patch_status(owner.namespace, owner.name, patch)
@@ -133,6 +140,7 @@ class Reconciler:
         event = status.transition(previous.get("conditions", []), computed)
         if event:
             self._kube.emit_event(dict(md), event.type, event.reason, event.message)
+        return valid
 
     def _converge_children(
         self,
@@ -140,8 +148,13 @@ class Reconciler:
         owner: builders.Owner,
         spec: api.ModelDeploymentSpec,
         observed: dict[builders.Kind, Object],
+        converged: bool,
     ) -> dict[builders.Kind, Object]:
-        """Applies what differs, deletes what is unwanted; returns the children as they are now."""
+        """Applies what differs, deletes what is unwanted; returns the children as they are now.
+
+        `converged`: this generation was reconciled before, so a missing or differing child
+        was deleted or edited by someone else and is being repaired.
+        """
         desired = builders.children(owner, spec, self._runtime_image)
         current = dict(observed)
         for kind in builders.CHILD_KINDS:
@@ -151,6 +164,7 @@ class Reconciler:
                 assert want is not None
                 logger.info("%s %s %s/%s", action.value, kind.kind, owner.namespace, owner.name)
                 current[kind] = self._applied[(key, kind)] = self._kube.apply(kind, want)
+                opmetrics.CHILDREN.labels(kind.kind, _child_action(want, have, converged)).inc()
             elif action is diff.Action.DELETE:
                 assert have is not None
                 if not _owned_by(have, owner.uid):
@@ -159,7 +173,25 @@ class Reconciler:
                 self._kube.delete(kind, owner.namespace, owner.name, have["metadata"]["uid"])
                 self._applied.pop((key, kind), None)
                 current.pop(kind)
+                opmetrics.CHILDREN.labels(kind.kind, "deleted").inc()
         return current
+
+
+def _converged(md: Mapping[str, Any]) -> bool:
+    observed_generation = (md.get("status") or {}).get("observedGeneration")
+    return bool(observed_generation == md["metadata"].get("generation"))
+
+
+def _child_action(want: Object, have: Object | None, converged: bool) -> str:
+    """created / updated for spec changes, repaired when someone else changed the child."""
+    if have is None:
+        return "repaired" if converged else "created"
+    digest = builders.ANNOTATION_APPLIED_DIGEST
+    same_spec = (
+        have["metadata"].get("annotations", {}).get(digest)
+        == want["metadata"]["annotations"][digest]
+    )
+    return "repaired" if same_spec else "updated"
 
 
 def _owned_by(obj: Object, uid: str) -> bool:

@@ -83,9 +83,13 @@ class Batcher:
         # One batch at a time: ONNX Runtime already spreads a batch over every core.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "inference")
         self._task: asyncio.Task[None] | None = None
+        # Kept from start(): asyncio.get_running_loop() costs a getpid() per call,
+        # measurable on the per-request path.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
 
     async def stop(self) -> None:
         """Finish every queued request, then stop."""
@@ -98,7 +102,9 @@ class Batcher:
     async def submit(self, inputs: Inputs, size: int) -> list[model.Array]:
         if len(self._pending) >= self._max_queue_size:
             raise QueueFullError(f"the request queue is full ({self._max_queue_size} requests)")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the batcher is not started")
         request = _Request(inputs, size, signature(inputs), loop.time(), loop.create_future())
         self._pending.append(request)
         self._pending_examples += size

@@ -3,6 +3,7 @@ through the local API server, and real runtime processes behind the simulated po
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -26,43 +27,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prometheus_config(pki: Path) -> dict[str, object]:
-    """Scrapes every runtime pod's http port, labelled with its namespace and pod."""
+def prometheus_config(targets_file: Path) -> dict[str, object]:
+    """Scrapes every runtime pod's http port, labelled with its namespace and pod.
+
+    Debian builds Prometheus without Kubernetes service discovery, so the pods reach it through
+    a file_sd file that `_discover` keeps current from the API server.
+    """
     return {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
             {
                 "job_name": "modeldeploy-runtime",
-                "kubernetes_sd_configs": [
-                    {
-                        "role": "pod",
-                        "api_server": f"https://127.0.0.1:{localcluster.APISERVER_PORT}",
-                        "tls_config": {
-                            "ca_file": str(pki / "ca.crt"),
-                            "cert_file": str(pki / "admin.crt"),
-                            "key_file": str(pki / "admin.key"),
-                        },
-                    }
-                ],
-                "relabel_configs": [
-                    {
-                        "source_labels": [
-                            "__meta_kubernetes_pod_label_app_kubernetes_io_managed_by"
-                        ],
-                        "regex": "modeldeploy",
-                        "action": "keep",
-                    },
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
-                        "regex": "http",
-                        "action": "keep",
-                    },
-                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
+                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
             }
         ],
     }
+
+
+def _discover(targets_file: Path, stop: threading.Event) -> None:
+    while not stop.is_set():
+        pods = json.loads(
+            localcluster.kubectl(
+                "get", "pods", "--all-namespaces", "-l", podrunner.SELECTOR, "-o", "json"
+            )
+        )["items"]
+        groups = [
+            {
+                "targets": [f"{pod['status']['podIP']}:8080"],
+                "labels": {
+                    "namespace": pod["metadata"]["namespace"],
+                    "pod": pod["metadata"]["name"],
+                },
+            }
+            for pod in pods
+            if pod["status"].get("podIP")
+        ]
+        staging = targets_file.with_suffix(".tmp")
+        staging.write_text(json.dumps(groups))
+        staging.replace(targets_file)
+        stop.wait(1)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +74,11 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     assert binary, "Prometheus is needed: `make test` installs Debian's prometheus package"
     directory = tmp_path_factory.mktemp("prometheus")
     config = directory / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(localcluster.paths().pki)))
+    targets = directory / "targets.json"
+    targets.write_text("[]")
+    config.write_text(yaml.safe_dump(prometheus_config(targets)))
+    stop = threading.Event()
+    threading.Thread(target=_discover, args=(targets, stop), daemon=True).start()
     url = f"http://127.0.0.1:{_free_port()}"
     process = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
@@ -90,6 +97,7 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
         assert time.monotonic() < deadline, "Prometheus not ready after 60s"
         time.sleep(0.3)
     yield url
+    stop.set()
     process.terminate()
     process.wait(timeout=30)
 

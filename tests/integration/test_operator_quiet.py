@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
-from operator_helpers import apply_md, get, operator_writes, ready_md, wait_for
 
+from operator_helpers import apply_md, get, operator_writes, ready_md, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
-from operator_helpers import apply_md, condition, get, ready_md, wait_for
 
+from operator_helpers import apply_md, condition, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration

@@ -57,7 +57,7 @@ def binaries() -> Binaries:
         kubectl=controlplane / "kubectl",
         etcd=controlplane / "etcd",
         kwok=root / f"kwok-{KWOK_VERSION}" / "kwok",
-        helm=root / f"helm-{HELM_VERSION}" / "helm",
+        helm=root / f"helm-{HELM_VERSION}-kube-{KUBERNETES_VERSION}" / "helm",
     )
 
 
@@ -72,6 +72,15 @@ def _version_ldflags() -> str:
             f"-X {package}.gitTreeState=clean",
             f"-X {package}.buildDate=1970-01-01T00:00:00Z",
         ]
+    return " ".join(flags)
+
+
+def _helm_ldflags() -> str:
+    """Helm's own version, and the Kubernetes version `helm template` and `lint` assume."""
+    major, minor, _ = KUBERNETES_VERSION.lstrip("v").split(".")
+    flags = ["-s", "-w", f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
+    for package in ("helm.sh/helm/v3/pkg/chartutil", "helm.sh/helm/v3/pkg/lint/rules"):
+        flags += [f"-X {package}.k8sVersionMajor={major}", f"-X {package}.k8sVersionMinor={minor}"]
     return " ".join(flags)
 
 
@@ -155,7 +164,7 @@ def build_all() -> Binaries:
                 [
                     "install",
                     "-ldflags",
-                    f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+                    _helm_ldflags(),
                     f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
                 ],
                 None,
