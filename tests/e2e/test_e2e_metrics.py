@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
-from operator_helpers import apply_md, get, ready_md, wait_for
+from operator_helpers import apply_md, get, operator_writes, ready_md, wait_for
 from support import Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +124,8 @@ def test_status_metrics_agree_with_what_the_client_measured(
                 return False
 
         wait_for("both runtime processes serving", serving, timeout=90)
+        time.sleep(2)  # the audit log is written in batches of up to 1s
+        audit_offset = cluster.audit_log.stat().st_size
         with Traffic(urls, clients_per_url=3) as traffic:
             # Long enough for the summary to cover steady traffic only.
             settle = (WINDOW_S + 2 if source == "prometheus" else 0) + 2 * INTERVAL_S + 1
@@ -140,6 +142,11 @@ def test_status_metrics_agree_with_what_the_client_measured(
             metrics = wait_for("status.metrics of steady traffic", fresh_metrics, timeout=30)
             client_rps, client_p99 = traffic.measured(WINDOW_S if source == "prometheus" else 4)
 
+    time.sleep(2)
+    writes = operator_writes(cluster.audit_log, audit_offset, namespace)
+    # Metrics writes touch the status only: nothing about the children was reconciled.
+    assert writes and all(w.startswith("patch /apis/modeldeploy.io/v1alpha1/") for w in writes)
+    assert all(w.split("?")[0].endswith("/iris/status") for w in writes), writes
     assert metrics["requestsPerSecond"] == pytest.approx(client_rps, rel=0.2)
     # The server's latency is part of what the client waited; histogram buckets blur it a bit.
     assert 0 < metrics["latencyP99Ms"] <= client_p99 * 1.5
