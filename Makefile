@@ -31,6 +31,7 @@ demo: venv
 
 demo-down: venv
 	$(BIN)/python demo/run.py --down
+	$(BIN)/modeldeploy cluster down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -123,10 +123,12 @@ def up(traffic_seconds: float) -> None:
     )
     _background(
         "operator",
-        [str(BIN / "modeldeploy"), "run", "--health-port", "18090", "--metrics-port", "18091",
-         "--metrics-interval", "5"],
+        [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--health-port", "18090",
+         "--metrics-port", "18091", "--metrics-interval", "5"],
     )  # fmt: skip
-    _background("pod-runner", [str(BIN / "modeldeploy"), "cluster", "run-pods"])
+    _background(
+        "pod-runner", [str(BIN / "modeldeploy"), "cluster", "run-pods", "--namespace", NAMESPACE]
+    )
 
     model = demo_dir() / "iris.onnx"
     step("training the demo model (an MLP classifier on generated data) and exporting it to ONNX")
@@ -181,10 +183,12 @@ def up(traffic_seconds: float) -> None:
     _wait_for("live metrics in status", lambda: _md().get("status", {}).get("metrics"), 60)
     print(localcluster.kubectl("get", "md", "-n", NAMESPACE), end="")
     print(json.dumps(_md()["status"]["metrics"], indent=2))
-    step("done; everything keeps running. `make demo-down` stops it and deletes the cluster")
+    step("done; everything keeps running. `make demo-down` stops it and the local cluster")
 
 
 def down() -> None:
+    """Stops the demo's processes and deletes its namespace; the cluster keeps running."""
+    localcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false")
     for name in ("pod-runner", "operator"):
         pid_file = demo_dir() / f"{name}.pid"
         if pid_file.exists():
@@ -194,12 +198,13 @@ def down() -> None:
                 _wait_for(f"{name} stopping", lambda pid=pid: not _alive(pid), 60)
             pid_file.unlink()
             step(f"stopped {name}")
-    localcluster.down()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--down", action="store_true", help="stop everything the demo started")
+    parser.add_argument(
+        "--down", action="store_true", help="stop the demo's processes, delete its namespace"
+    )
     parser.add_argument("--traffic-seconds", type=float, default=20)
     args = parser.parse_args()
     down() if args.down else up(args.traffic_seconds)

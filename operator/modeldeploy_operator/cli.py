@@ -25,7 +25,7 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "run-pods":
         from modeldeploy_operator.localcluster import podrunner
 
-        podrunner.main()
+        podrunner.main(args.namespace)
     return 0
 
 
@@ -149,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
         "build: only build the binaries, run-pods: run real runtime processes behind the "
         "simulated runtime pods (foreground)",
     )
+    cluster.add_argument("--namespace", help="run-pods: only this namespace's pods")
     cluster.set_defaults(func=_cluster)
     _add_run(commands)
     _add_serve(commands)

@@ -1,7 +1,8 @@
 """The one module that talks to the Kubernetes API server (besides kopf's own watching).
 
 Writes are server-side applies with the field manager `modeldeploy`, merge patches of the
-ModelDeployment status, deletes and Events; nothing else writes.
+ModelDeployment status, deletes and Events; besides them only the leader election's Lease is
+written (see leader.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ApiError = exceptions.ApiException
 
 MODEL_DEPLOYMENT = builders.Kind(f"{api.GROUP}/{api.VERSION}", api.KIND, api.PLURAL)
 EVENT = builders.Kind("v1", "Event", "events")
+LEASE = builders.Kind("coordination.k8s.io/v1", "Lease", "leases")
 
 
 def now() -> str:
@@ -76,6 +78,7 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: Object | None = None,
         content_type: str = "application/json",
+        timeout: float | None = None,
     ) -> Object:
         request = self._api.param_serialize(
             method,
@@ -86,7 +89,7 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         opmetrics.API_REQUESTS.labels(method, resource).inc()
-        response = self._api.call_api(*request)
+        response = self._api.call_api(*request, _request_timeout=timeout)
         response.read()  # type: ignore[no-untyped-call]
         text = response.data.decode() if response.data else ""
         if not 200 <= response.status <= 299:
@@ -169,3 +172,22 @@ class Kube:
                 "count": 1,
             },
         )
+
+    def get_lease(self, namespace: str, name: str, *, timeout: float) -> Object | None:
+        try:
+            return self._request("GET", LEASE.plural, _path(LEASE, namespace, name), timeout=timeout)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def create_lease(self, lease: Object, *, timeout: float) -> Object:
+        """Fails with 409 when the Lease exists already."""
+        path = _path(LEASE, lease["metadata"]["namespace"])
+        return self._request("POST", LEASE.plural, path, body=lease, timeout=timeout)
+
+    def replace_lease(self, lease: Object, *, timeout: float) -> Object:
+        """Fails with 409 unless `metadata.resourceVersion` is still the current one."""
+        metadata = lease["metadata"]
+        path = _path(LEASE, metadata["namespace"], metadata["name"])
+        return self._request("PUT", LEASE.plural, path, body=lease, timeout=timeout)

@@ -156,10 +156,10 @@ def _terminate(entry: _RunningPod) -> None:
     _log(f"{entry.name}: stopped")
 
 
-def main() -> None:
+def main(namespace: str | None = None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        run(stop)
+        run(stop, namespace)
     except KeyboardInterrupt:
         stop.set()
