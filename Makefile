@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv tools test lint unit demo demo-down cluster-up cluster-down clean
+.PHONY: venv tools test lint demo demo-down clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,15 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# System tools the tests use that no Python or Go registry provides: Lua for the Argo CD health check.
+# System tools the tests use that no Python or Go registry provides, from Debian's packages:
+# Lua for the Argo CD health check, Prometheus for the metrics end-to-end test.
+DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus
 tools:
-	command -v lua5.4 >/dev/null || (apt-get update && apt-get install -y lua5.4)
+	@missing=""; for pair in $(DEBIAN_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
 
 test: lint tools
 	$(BIN)/pytest

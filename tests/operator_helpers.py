@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +38,48 @@ def running_operator(namespace: str) -> Iterator[KopfRunner]:
     args = ["run", "--standalone", "--namespace", namespace, "-m", "modeldeploy_operator.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class OperatorProcess:
+    """`modeldeploy run` as a real process, as in a pod: its own health and metrics ports."""
+
+    def __init__(self, log: Path, kubeconfig: Path, *args: str) -> None:
+        self.log = log
+        self.health_port = free_port()
+        command = [sys.executable, "-m", "modeldeploy_operator.cli", "run", "--log-format=plain"]
+        command += [f"--health-port={self.health_port}", f"--metrics-port={free_port()}", *args]
+        self.process = subprocess.Popen(
+            command,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"KUBECONFIG": str(kubeconfig)},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:

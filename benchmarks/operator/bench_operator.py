@@ -10,11 +10,14 @@ and its writes per minute at steady state. Not a test; run it on a quiet machine
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -25,10 +28,12 @@ from kubernetes import client, config
 
 from modeldeploy_operator.localcluster import build
 from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_runtime import metrics as runtime_metrics
 
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 OPERATOR_AGENTS = ("modeldeploy-operator", "kopf/")
 HEALTH_PORT, METRICS_PORT = 28080, 29090
+METRICS_INTERVAL_S = 30
 
 
 def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
@@ -74,6 +79,74 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+class _SyntheticPods:
+    """Stands in for N runtime pods' /metrics at once: one server on 0.0.0.0:8080 answers every
+    pod IP (all of 127.0.0.0/8 is loopback) with the exposition of the runtime's own metrics code,
+    advanced by `rate` requests per second per pod since the previous scrape. What is measured is
+    the operator's metrics path; 1000 real model servers do not fit on this machine."""
+
+    def __init__(self, model_of_ip: dict[str, str], fluctuate: bool) -> None:
+        self._models = {ip: runtime_metrics.ModelMetrics(m) for ip, m in model_of_ip.items()}
+        self._last = dict.fromkeys(model_of_ip, time.monotonic())
+        self._fluctuate = fluctuate
+        self._lock = threading.Lock()
+        self._random = random.Random(1)
+        pods = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = pods.scrape(self.connection.getsockname()[0])
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def scrape(self, ip: str) -> bytes:
+        with self._lock:
+            metrics = self._models.get(ip)
+            if metrics is None:
+                return b""
+            now = time.monotonic()
+            rate = 20.0 * (self._random.uniform(0.5, 1.5) if self._fluctuate else 1.0)
+            for _ in range(int(rate * (now - self._last[ip]))):
+                metrics.observe_request(
+                    runtime_metrics.Protocol.HTTP, runtime_metrics.Outcome.SUCCESS, 0.004
+                )
+            metrics.batch_size.observe(4)
+            self._last[ip] = now
+            return metrics.exposition()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _metric_writes_per_min(
+    kubeconfig: Path, audit_log: Path, namespace: str, fluctuate: bool, seconds: int
+) -> float:
+    pods = json.loads(_kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json"))["items"]
+    model_of_ip = {
+        p["status"]["podIP"]: p["metadata"]["labels"]["app.kubernetes.io/instance"]
+        for p in pods
+        if p["status"].get("podIP")
+    }
+    synthetic = _SyntheticPods(model_of_ip, fluctuate)
+    try:
+        # The first scrape of each pod only sets its baseline; then one full interval.
+        time.sleep(2 * METRICS_INTERVAL_S)
+        offset = audit_log.stat().st_size
+        time.sleep(seconds)
+        return _operator_writes(audit_log, offset, namespace) * 60 / seconds
+    finally:
+        synthetic.close()
+
+
 def _model_deployments(namespace: str, count: int) -> str:
     items = [
         {
@@ -96,7 +169,9 @@ def _wait(what: str, probe: Any, deadline: float) -> float:
     return time.monotonic() - start
 
 
-def run(count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int) -> dict[str, float]:
+def run(
+    count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int, metrics_seconds: int
+) -> dict[str, float]:
     namespace = f"bench-{count}-{uuid.uuid4().hex[:6]}"
     _kubectl(kubeconfig, "create", "namespace", namespace)
     api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
@@ -114,6 +189,8 @@ def run(count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int) -> d
             str(METRICS_PORT),
             "--log-format",
             "json",
+            "--metrics-interval",
+            str(METRICS_INTERVAL_S),
         ],
         env=os.environ | {"KUBECONFIG": str(kubeconfig)},
         stdout=log.open("w"),
@@ -158,6 +235,13 @@ def run(count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int) -> d
         steady_offset = audit_log.stat().st_size
         time.sleep(steady_seconds)
         steady_writes = _operator_writes(audit_log, steady_offset, namespace)
+        peak_rss = _peak_rss_mib(operator.pid)
+        metric_writes = {
+            fluctuate: _metric_writes_per_min(
+                kubeconfig, audit_log, namespace, fluctuate, metrics_seconds
+            )
+            for fluctuate in (False, True)
+        }
         return {
             "count": count,
             "create_s": created,
@@ -165,8 +249,11 @@ def run(count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int) -> d
             "ready_s": ready_s,
             "writes_per_md": writes / count,
             "reads_per_md": reads / count,
-            "peak_rss_mib": _peak_rss_mib(operator.pid),
+            "peak_rss_mib": peak_rss,
             "steady_writes_per_min": steady_writes * 60 / steady_seconds,
+            "metric_writes_steady_traffic": metric_writes[False],
+            "metric_writes_fluctuating": metric_writes[True],
+            "metrics_peak_rss_mib": _peak_rss_mib(operator.pid),
         }
     finally:
         operator.terminate()
@@ -178,10 +265,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 1000])
     parser.add_argument("--steady-seconds", type=int, default=60)
+    parser.add_argument("--metrics-seconds", type=int, default=90)
     args = parser.parse_args()
     state = localcluster.up()
     results = [
-        run(count, state.kubeconfig, state.audit_log, args.steady_seconds) for count in args.counts
+        run(count, state.kubeconfig, state.audit_log, args.steady_seconds, args.metrics_seconds)
+        for count in args.counts
     ]
     print(
         f"{'MDs':>5} {'create s':>9} {'children s':>11} {'Ready s':>8} {'writes/MD':>10} "
@@ -192,6 +281,21 @@ def main() -> int:
             f"{r['count']:>5} {r['create_s']:>9.1f} {r['children_s']:>11.1f} {r['ready_s']:>8.1f} "
             f"{r['writes_per_md']:>10.2f} {r['reads_per_md']:>9.2f} {r['peak_rss_mib']:>13.0f} "
             f"{r['steady_writes_per_min']:>18.1f}"
+        )
+    print(
+        f"\nstatus.metrics writes per minute (interval {METRICS_INTERVAL_S}s; budget: at most one "
+        "write per ModelDeployment per interval, only on a change of more than 10%)"
+    )
+    print(
+        f"{'MDs':>5} {'steady traffic':>15} {'fluctuating traffic':>20} {'budget':>7} "
+        f"{'RSS MiB':>8}"
+    )
+    for r in results:
+        budget = r["count"] * 60 / METRICS_INTERVAL_S
+        print(
+            f"{r['count']:>5} {r['metric_writes_steady_traffic']:>15.1f} "
+            f"{r['metric_writes_fluctuating']:>20.1f} {budget:>7.0f} "
+            f"{r['metrics_peak_rss_mib']:>8.0f}"
         )
     return 0
 

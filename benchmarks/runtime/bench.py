@@ -114,7 +114,8 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 180)
 
 
 @contextlib.contextmanager
-def server(command: list[str], ready_url: str, log: Path) -> Iterator[None]:
+def server(command: list[str], ready_url: str, log: Path) -> Iterator[int]:
+    """Runs the server on its core and yields its pid (taskset execs, so it is the server's)."""
     with log.open("wb") as output:
         process = subprocess.Popen(
             ["taskset", "-c", SERVER_CORE, *command],
@@ -124,7 +125,7 @@ def server(command: list[str], ready_url: str, log: Path) -> Iterator[None]:
         )
         try:
             wait_ready(ready_url, process)
-            yield
+            yield process.pid
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, 15)
@@ -161,6 +162,7 @@ def wrk(url: str, body: Path, connections: int, duration: int) -> dict[str, floa
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),  # type: ignore[index]
+        "requests": float(re.search(r"(\d+) requests in", out)[1]),  # type: ignore[index]
         "p50": latency_ms("50"),
         "p99": latency_ms("99"),
         "errors": float(errors[1]) if errors else 0.0,
@@ -185,6 +187,12 @@ def free_port_block() -> int:
         return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def metric_sum(url: str, name: str) -> float:
     text = urllib.request.urlopen(url).read().decode()
     return sum(
@@ -194,13 +202,14 @@ def metric_sum(url: str, name: str) -> float:
     )
 
 
-def ort_throughput(path: Path, batch: int, seconds: float) -> float:
-    """Examples/s of a bare ``predict`` loop on the server core: the ceiling.
+def ort_throughput(path: Path, batch: int, seconds: float) -> tuple[float, float]:
+    """Examples per second and per CPU-second of a bare ``predict`` loop: the ceiling.
 
     Fair by construction: the session comes from the runtime's own ``OnnxModel`` with
     ``threads=0``, so it gets the same options and the same intra-op thread count the
     server derives (the affinity mask, one core under ``taskset``), on the same core,
     for as long as one wrk run, right after the server it is compared with stopped.
+    Per CPU-second is the comparison that other work on the core cannot skew.
     """
     code = (
         "import pathlib,sys,time,numpy as np\n"
@@ -210,15 +219,16 @@ def ort_throughput(path: Path, batch: int, seconds: float) -> float:
         "x={k:np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)"
         " for k,v in m.example_inputs(b).items()}\n"
         "[m.predict(x) for _ in range(3)]\n"
-        "n=0;t=time.perf_counter()\n"
+        "n=0;t=time.perf_counter();c=time.process_time()\n"
         "while time.perf_counter()-t<float(sys.argv[3]):m.predict(x);n+=1\n"
-        "print(n*b/(time.perf_counter()-t))\n"
+        "print(n*b/(time.perf_counter()-t),n*b/(time.process_time()-c))\n"
     )
     command = ["taskset", "-c", SERVER_CORE, sys.executable, "-c", code]
     out = subprocess.run(
         [*command, str(path), str(batch), str(seconds)], capture_output=True, text=True, check=True
     )
-    return float(out.stdout)
+    wall, cpu = map(float, out.stdout.split())
+    return wall, cpu
 
 
 def main() -> None:
@@ -299,13 +309,17 @@ def main() -> None:
             commands(kind, model, quantization),
             f"{base}/v2/models/{model}/ready",
             work / f"{env_label}.log",
-        ):
+        ) as pid:
             url = f"{base}/v2/models/{model}/infer"
             wrk(url, body, 32, 2)  # warm-up
             for connections in (32, 128):
                 if counters:
                     before = [metric_sum(counters[0], name) for name in counters[1:]]
+                cpu_before = cpu_seconds(pid)
                 results[connections] = wrk(url, body, connections, args.duration)
+                results[connections]["cpu_per_request"] = (cpu_seconds(pid) - cpu_before) / max(
+                    results[connections]["requests"], 1
+                )
                 if counters:
                     examples, batches = (
                         metric_sum(counters[0], name) - start
@@ -320,7 +334,9 @@ def main() -> None:
             # The ceiling, measured now, under the load the machine had a moment ago.
             for r in results.values():
                 r["ceiling_batch"] = max(1, round(r["batch"]))
-                r["ceiling"] = ort_throughput(paths[model], int(r["ceiling_batch"]), args.duration)
+                r["ceiling"], r["ceiling_per_cpu"] = ort_throughput(
+                    paths[model], int(r["ceiling_batch"]), args.duration
+                )
         return results
 
     measured: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
@@ -362,9 +378,12 @@ def main() -> None:
                 "-",
             )
         )
+        per_cpu = 1 / r["cpu_per_request"]
         notes.append(
             f"heavy, {connections} connections: modeldeploy reaches "
-            f"{r['rps'] / r['ceiling']:.0%} of raw ONNX Runtime at batch {size}"
+            f"{r['rps'] / r['ceiling']:.0%} of raw ONNX Runtime at batch {size} per second, "
+            f"{per_cpu / r['ceiling_per_cpu']:.0%} per CPU-second "
+            f"({per_cpu:.0f} requests vs {r['ceiling_per_cpu']:.0f} examples)"
         )
     if "modeldeploy" in args.servers:
         int8 = run("modeldeploy", "heavy", "dynamic-int8")

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modeldeploy_operator import leader
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -43,19 +51,71 @@ def _run(args: argparse.Namespace) -> int:
         # are still logged, and the reconciler logs every write it makes.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     prometheus_client.start_http_server(args.metrics_port)
-    kopf.run(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
-        memo=kopf.Memo(
-            runtime_image=args.runtime_image,
-            prometheus_url=args.prometheus_url,
-            metrics_interval=args.metrics_interval,
-            metrics_window=args.metrics_window,
-        ),
-    )
+    elector = _lead(args) if args.leader_election_namespace else None
+    try:
+        kopf.run(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace or (),
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+            memo=kopf.Memo(
+                runtime_image=args.runtime_image,
+                prometheus_url=args.prometheus_url,
+                metrics_interval=args.metrics_interval,
+                metrics_window=args.metrics_window,
+            ),
+        )
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
+
+
+def _lead(args: argparse.Namespace) -> leader.Elector:
+    """Blocks until this replica holds the Lease, then keeps renewing it in a thread."""
+    from modeldeploy_operator import kube, leader
+
+    elector = leader.Elector(
+        kube.Kube.from_environment(),
+        args.leader_election_namespace,
+        args.leader_election_id,
+        identity=leader.identity(),
+        lease_seconds=args.leader_election_lease_seconds,
+    )
+    with _standby_liveness(args.health_port):
+        elector.acquire()
+    elector.keep_renewing(on_lost=_stop_acting)
+    return elector
+
+
+def _stop_acting() -> None:
+    # Another replica may start acting any moment now: no graceful shutdown, which would still
+    # run handlers. The exit status makes Kubernetes restart this one, as a standby.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _standby_liveness(port: int) -> Iterator[None]:
+    """Answers the liveness probe while standing by; kopf answers it on that port once leading."""
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass  # a probe every few seconds is not news
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Healthz)
+    threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,7 +124,8 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--namespace",
         action="append",
         metavar="NS",
-        help="watch this namespace (repeatable; a glob like 'ml-*' works); default: all",
+        help="serve this namespace (repeatable; exact names: the operator is not allowed to "
+        "list namespaces); default: all",
     )
     run.add_argument(
         "--runtime-image",
@@ -92,6 +153,25 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument("--health-port", type=int, default=8080, help="serves /healthz (default 8080)")
     run.add_argument(
         "--metrics-port", type=int, default=9090, help="serves Prometheus /metrics (default 9090)"
+    )
+    run.add_argument(
+        "--leader-election-namespace",
+        metavar="NS",
+        help="of all replicas only the one holding a Lease in this namespace acts; the others "
+        "stand by (default: no election, for a single replica)",
+    )
+    run.add_argument(
+        "--leader-election-id",
+        metavar="NAME",
+        default="modeldeploy-operator",
+        help="the Lease's name (default modeldeploy-operator)",
+    )
+    run.add_argument(
+        "--leader-election-lease-seconds",
+        type=int,
+        default=15,
+        metavar="S",
+        help="a leader that has not renewed the Lease for this long is replaced (default 15)",
     )
     run.set_defaults(func=_run)
 

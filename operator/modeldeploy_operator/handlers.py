@@ -43,8 +43,12 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     # kopf would post an Event per handler run, a write on every resync; the reconciler posts
     # Events on transitions only.
     settings.posting.enabled = False
-    # Peering would write a KopfPeering object every minute; run a single replica instead.
+    # Peering would write a KopfPeering object every minute; `modeldeploy run` elects one active
+    # replica with a Lease instead (leader.py), before kopf starts.
     settings.peering.standalone = True
+    # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
+    # logs the 403s and falls back to what it does now: namespaces given by exact name only.
+    settings.scanning.disabled = True
     client = kube.Kube.from_environment()
     memo["reconciler"] = reconcile.Reconciler(
         client, _setting(memo, "runtime_image", DEFAULT_RUNTIME_IMAGE)

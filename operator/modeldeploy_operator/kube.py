@@ -175,7 +175,9 @@ class Kube:
 
     def get_lease(self, namespace: str, name: str, *, timeout: float) -> Object | None:
         try:
-            return self._request("GET", LEASE.plural, _path(LEASE, namespace, name), timeout=timeout)
+            return self._request(
+                "GET", LEASE.plural, _path(LEASE, namespace, name), timeout=timeout
+            )
         except ApiError as error:
             if error.status == 404:
                 return None

@@ -86,3 +86,10 @@ def test_kopf_bookkeeping_fits_in_status() -> None:
 def test_small_enough_for_client_side_apply() -> None:
     # kubectl apply keeps the whole object in an annotation, limited to 256 KiB.
     assert len(yaml.safe_dump(crd.build())) < 64 * 1024
+
+
+def test_chart_copy_and_readme_reference_are_up_to_date() -> None:
+    stale = "stale: run `python -m modeldeploy_operator.crd`"
+    assert crd.CHART_CRD_PATH.read_text() == crd.render(), f"the chart's CRD is {stale}"
+    readme = crd.README_PATH.read_text()
+    assert crd.readme_with_reference(readme) == readme, f"the README's API reference is {stale}"

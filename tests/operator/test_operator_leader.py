@@ -1,0 +1,133 @@
+"""The Lease election's rules, against an in-memory API server with optimistic concurrency."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from modeldeploy_operator import kube, leader
+
+
+class FakeLeases:
+    """Keeps Leases as the API server does: every write bumps resourceVersion, and a stale one
+    (or a create of an existing name) is answered 409."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.versions = 0
+        self.fail_with: Exception | None = None
+
+    def get_lease(self, namespace: str, name: str, *, timeout: float) -> dict[str, Any] | None:
+        if self.fail_with:
+            raise self.fail_with
+        found = self.leases.get(name)
+        return copy.deepcopy(found) if found else None
+
+    def create_lease(self, lease: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        if lease["metadata"]["name"] in self.leases:
+            raise kube.ApiError(status=409, reason="AlreadyExists")
+        return self._store(lease)
+
+    def replace_lease(self, lease: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        current = self.leases[lease["metadata"]["name"]]
+        if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"]:
+            raise kube.ApiError(status=409, reason="Conflict")
+        return self._store(lease)
+
+    def write_as(self, holder: str) -> None:
+        lease = copy.deepcopy(self.leases["lock"])
+        lease["spec"]["holderIdentity"] = holder
+        self._store(lease)
+
+    def _store(self, lease: dict[str, Any]) -> dict[str, Any]:
+        self.versions += 1
+        stored = copy.deepcopy(lease)
+        stored["metadata"]["resourceVersion"] = str(self.versions)
+        self.leases[stored["metadata"]["name"]] = stored
+        return copy.deepcopy(stored)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _elector(api: FakeLeases, name: str, clock: Clock, lease_seconds: int = 15) -> leader.Elector:
+    return leader.Elector(
+        api,  # type: ignore[arg-type]
+        "ops",
+        "lock",
+        identity=name,
+        lease_seconds=lease_seconds,
+        clock=clock,
+    )
+
+
+def test_the_first_creates_the_lease_and_the_second_waits_it_out() -> None:
+    api, clock = FakeLeases(), Clock()
+    first, second = _elector(api, "a", clock), _elector(api, "b", clock)
+    assert first.try_acquire_or_renew(timeout=1)
+    spec = api.leases["lock"]["spec"]
+    assert spec["holderIdentity"] == "a" and spec["leaseDurationSeconds"] == 15
+    assert spec["leaseTransitions"] == 0
+
+    assert not second.try_acquire_or_renew(timeout=1)
+    assert second.holder == "a"
+    clock.now += 10
+    assert first.try_acquire_or_renew(timeout=1)  # a renewal: the standby's wait starts over
+    clock.now += 10
+    assert not second.try_acquire_or_renew(timeout=1)
+    clock.now += 14
+    assert not second.try_acquire_or_renew(timeout=1)
+    clock.now += 1  # unchanged for 15s, as the standby timed it
+    assert second.try_acquire_or_renew(timeout=1)
+    assert api.leases["lock"]["spec"]["holderIdentity"] == "b"
+    assert api.leases["lock"]["spec"]["leaseTransitions"] == 1
+
+
+def test_of_two_racing_writers_one_wins() -> None:
+    api, clock = FakeLeases(), Clock()
+    first, second = _elector(api, "a", clock), _elector(api, "b", clock)
+    assert first.try_acquire_or_renew(timeout=1)
+    stale = api.get_lease("ops", "lock", timeout=1)
+    api.write_as("a")  # a renewal between the standby's read and its write
+    api.get_lease = lambda *args, **kwargs: copy.deepcopy(stale)  # type: ignore[method-assign]
+    clock.now += 60
+    assert not second.try_acquire_or_renew(timeout=1)
+    assert api.leases["lock"]["spec"]["holderIdentity"] == "a"
+
+
+def test_a_released_lease_is_taken_at_once() -> None:
+    api, clock = FakeLeases(), Clock()
+    first, second = _elector(api, "a", clock), _elector(api, "b", clock)
+    assert first.try_acquire_or_renew(timeout=1)
+    assert not second.try_acquire_or_renew(timeout=1)
+    first.release()
+    assert "holderIdentity" not in api.leases["lock"]["spec"]
+    assert second.try_acquire_or_renew(timeout=1)
+
+
+def test_the_leader_gives_up_when_another_holds_the_lease() -> None:
+    api = FakeLeases()
+    elector = leader.Elector(api, "ops", "lock", identity="a", lease_seconds=1)  # type: ignore[arg-type]
+    elector.acquire()
+    lost = threading.Event()
+    elector.keep_renewing(on_lost=lost.set)
+    api.write_as("b")
+    assert lost.wait(timeout=5)
+    assert not elector.leading
+
+
+def test_the_leader_gives_up_before_its_lease_can_expire_when_it_cannot_renew() -> None:
+    api = FakeLeases()
+    elector = leader.Elector(api, "ops", "lock", identity="a", lease_seconds=1)  # type: ignore[arg-type]
+    elector.acquire()
+    lost = threading.Event()
+    elector.keep_renewing(on_lost=lost.set)
+    api.fail_with = ConnectionError("the API server is unreachable")
+    assert not lost.wait(timeout=0.3)
+    assert lost.wait(timeout=2)  # at the renew deadline (2/3 s), before the 1s lease expires
