@@ -10,6 +10,7 @@ keeps running afterwards; `make demo-down` (this script with `--down`) stops it 
 from __future__ import annotations
 
 import argparse
+import calendar
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NAMESPACE = "demo"
 NAME = "iris"
+METRICS_INTERVAL_S = 5
 STARTED = time.monotonic()
 
 
@@ -85,31 +87,26 @@ def _ready() -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def _traffic(url: str, seconds: float, clients: int) -> tuple[int, list[float]]:
-    """Concurrent single-example requests for `seconds`; returns (count, latencies)."""
+def _traffic(url: str, stop: threading.Event, done: list[tuple[float, float]]) -> None:
+    """One client sending single-example requests back to back until `stop`."""
     rng = np.random.default_rng(1)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
+    client = triton_http.InferenceServerClient(url)
+    tensor = triton_http.InferInput("input", [1, 4], "FP32")
+    while not stop.is_set():
+        tensor.set_data_from_numpy(rng.normal([5.8, 3.0, 3.8, 1.2], 0.5, (1, 4)).astype("f4"))
+        started = time.perf_counter()
+        client.infer(NAME, [tensor])
+        finished = time.perf_counter()
+        done.append((finished, finished - started))  # list.append is atomic
 
-    def client_loop() -> None:
-        client = triton_http.InferenceServerClient(url)
-        tensor = triton_http.InferInput("input", [1, 4], "FP32")
-        mine = []
-        while time.monotonic() < stop:
-            tensor.set_data_from_numpy(rng.normal([5.8, 3.0, 3.8, 1.2], 0.5, (1, 4)).astype("f4"))
-            started = time.perf_counter()
-            client.infer(NAME, [tensor])
-            mine.append(time.perf_counter() - started)
-        with lock:
-            latencies.extend(mine)
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return len(latencies), latencies
+def _fresh_metrics(since: float) -> dict[str, Any] | None:
+    """status.metrics written after `since` (epoch seconds), else None."""
+    metrics: dict[str, Any] | None = _md().get("status", {}).get("metrics")
+    if not metrics:
+        return None
+    written = calendar.timegm(time.strptime(metrics["updatedAt"], "%Y-%m-%dT%H:%M:%SZ"))
+    return metrics if written >= since else None
 
 
 def up(traffic_seconds: float) -> None:
@@ -124,7 +121,7 @@ def up(traffic_seconds: float) -> None:
     _background(
         "operator",
         [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--health-port", "18090",
-         "--metrics-port", "18091", "--metrics-interval", "5"],
+         "--metrics-port", "18091", "--metrics-interval", str(METRICS_INTERVAL_S)],
     )  # fmt: skip
     _background(
         "pod-runner", [str(BIN / "modeldeploy"), "cluster", "run-pods", "--namespace", NAMESPACE]
@@ -147,6 +144,8 @@ def up(traffic_seconds: float) -> None:
             "replicas": 2,
         },
     }
+    # A namespace left terminating by an earlier `--down` refuses new objects.
+    localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
     localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
     step(f"applying ModelDeployment {NAMESPACE}/{NAME} (model sha256 {digest[:12]}...)")
     localcluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
@@ -166,29 +165,39 @@ def up(traffic_seconds: float) -> None:
             return False
 
     _wait_for("the runtime servers answering", all_serving, 120)
-    step(f"sending {traffic_seconds:.0f}s of traffic from 8 clients to {', '.join(urls)}")
-    results: list[tuple[int, list[float]]] = []
-    threads = [
-        threading.Thread(target=lambda u=u: results.append(_traffic(u, traffic_seconds, 4)))
-        for u in urls
+    step(f"sending traffic from 8 clients to {', '.join(urls)} (at least {traffic_seconds:.0f}s)")
+    stop = threading.Event()
+    done: list[tuple[float, float]] = []
+    clients = [
+        threading.Thread(target=_traffic, args=(url, stop, done)) for url in urls for _ in range(4)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    total = sum(count for count, _ in results)
-    latencies = [latency for _, pod_latencies in results for latency in pod_latencies]
-    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
-    step(f"the clients saw {total / traffic_seconds:.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    _wait_for("live metrics in status", lambda: _md().get("status", {}).get("metrics"), 60)
-    print(localcluster.kubectl("get", "md", "-n", NAMESPACE), end="")
-    print(json.dumps(_md()["status"]["metrics"], indent=2))
+    for client in clients:
+        client.start()
+    started = time.perf_counter()
+    # Metrics that cover steady traffic only: written two collection intervals after it began.
+    steady_since = time.time() + 2 * METRICS_INTERVAL_S
+    time.sleep(traffic_seconds)
+    try:
+        _wait_for("live metrics in status", lambda: _fresh_metrics(steady_since), 60)
+        table = localcluster.kubectl("get", "md", "-n", NAMESPACE)
+        metrics = _md()["status"]["metrics"]
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    recent = [latency for at, latency in done if at >= started + 2]
+    seconds = done[-1][0] - (started + 2)
+    p50, p99 = np.percentile(recent, [50, 99]) * 1000
+    step(f"the clients saw {len(recent) / seconds:.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    step("and the operator summarised the pods' metrics into the ModelDeployment's status:")
+    print(table, end="")
+    print(json.dumps(metrics, indent=2))
     step("done; everything keeps running. `make demo-down` stops it and the local cluster")
 
 
 def down() -> None:
     """Stops the demo's processes and deletes its namespace; the cluster keeps running."""
-    localcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false")
+    localcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s")
     for name in ("pod-runner", "operator"):
         pid_file = demo_dir() / f"{name}.pid"
         if pid_file.exists():

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 def test_demo_ends_with_a_ready_model_and_live_metrics(cluster: Cluster) -> None:
     try:
         result = subprocess.run(
-            [*DEMO, "--traffic-seconds", "6"], capture_output=True, text=True, timeout=300
+            [*DEMO, "--traffic-seconds", "5"], capture_output=True, text=True, timeout=300
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         header, row = (
@@ -35,11 +35,11 @@ def test_demo_ends_with_a_ready_model_and_live_metrics(cluster: Cluster) -> None
         measured = re.search(r"clients saw (\d+) req/s", result.stdout)
         assert measured, result.stdout
         client_rps = float(measured.group(1))
-        assert metrics["requestsPerSecond"] == pytest.approx(client_rps, rel=0.3)
+        assert metrics["requestsPerSecond"] == pytest.approx(client_rps, rel=0.25)
         assert metrics["errorRate"] == 0 and metrics["latencyP99Ms"] > 0
     finally:
         subprocess.run([*DEMO, "--down"], check=True, timeout=120)
     leftover = cluster.kubectl(
         "get", "namespace", "demo", "-o", "jsonpath={.status.phase}", check=False
     )
-    assert leftover.returncode != 0 or leftover.stdout == "Terminating"
+    assert leftover.returncode != 0, "the demo namespace is still there"
