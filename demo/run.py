@@ -173,12 +173,12 @@ def up(traffic_seconds: float) -> None:
     ]
     for client in clients:
         client.start()
-    started = time.perf_counter()
-    # Metrics that cover steady traffic only: written two collection intervals after it began.
-    steady_since = time.time() + 2 * METRICS_INTERVAL_S
-    time.sleep(traffic_seconds)
+    started, traffic_since = time.perf_counter(), time.time()
+    # Two collection intervals, so the summary covers steady traffic; the operator writes it
+    # only when it moved by more than 10%, so it may have been written a little earlier.
+    time.sleep(max(traffic_seconds, 2 * METRICS_INTERVAL_S + 1))
     try:
-        _wait_for("live metrics in status", lambda: _fresh_metrics(steady_since), 60)
+        _wait_for("live metrics in status", lambda: _fresh_metrics(traffic_since), 60)
         table = localcluster.kubectl("get", "md", "-n", NAMESPACE)
         metrics = _md()["status"]["metrics"]
     finally:
