@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,13 +18,10 @@ import yaml
 
 from modeldeploy_operator.localcluster import cluster as localcluster
 from modeldeploy_operator.localcluster import podrunner
+from operator_helpers import free_port
 from support import Cluster
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def prometheus_config(targets_file: Path) -> dict[str, object]:
@@ -79,7 +76,7 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     config.write_text(yaml.safe_dump(prometheus_config(targets)))
     stop = threading.Event()
     threading.Thread(target=_discover, args=(targets, stop), daemon=True).start()
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
          f"--web.listen-address={url.removeprefix('http://')}"],
@@ -111,3 +108,13 @@ def runtime_pods(namespace: str) -> Iterator[None]:
     yield
     stop.set()
     runner.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's classifier, trained and exported to ONNX by demo/train.py."""
+    path = tmp_path_factory.mktemp("model") / "iris.onnx"
+    subprocess.run(
+        [sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(path)], check=True
+    )
+    return path

@@ -7,8 +7,6 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,20 +22,10 @@ from kopf.testing import KopfRunner
 from operator_helpers import apply_md, get, operator_writes, ready_md, wait_for
 from support import Cluster
 
-ROOT = Path(__file__).resolve().parents[2]
 INTERVAL_S = 2
 WINDOW_S = 6
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "iris.onnx"
-    subprocess.run(
-        [sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(path)], check=True
-    )
-    return path
 
 
 class Traffic:
@@ -88,7 +76,7 @@ def test_status_metrics_agree_with_what_the_client_measured(
     source: str,
     cluster: Cluster,
     namespace: str,
-    model: Path,
+    demo_model: Path,
     prometheus: str,
     runtime_pods: None,
     start_operator: Callable[[], AbstractContextManager[KopfRunner]],
@@ -100,9 +88,9 @@ def test_status_metrics_agree_with_what_the_client_measured(
         monkeypatch.setenv("MODELDEPLOY_PROMETHEUS_URL", prometheus)
     else:
         monkeypatch.delenv("MODELDEPLOY_PROMETHEUS_URL", raising=False)
-    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    digest = hashlib.sha256(demo_model.read_bytes()).hexdigest()
     spec = {
-        "model": {"uri": f"file://{model}", "sha256": digest, "version": "1"},
+        "model": {"uri": f"file://{demo_model}", "sha256": digest, "version": "1"},
         "runtime": {"maxBatchSize": 8, "maxBatchDelayMs": 1},
         "replicas": 2,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 import sys
 import time
@@ -15,34 +14,20 @@ import pytest
 import tritonclient.http as triton_http
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from operator_helpers import free_port
+
 MODELDEPLOY = str(Path(sys.executable).parent / "modeldeploy")
 
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "iris.onnx"
-    subprocess.run(
-        [sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(path)], check=True
-    )
-    return path
-
-
-def _manifest(directory: Path, model: Path, **model_fields: str) -> Path:
+def _manifest(directory: Path, demo_model: Path, **model_fields: str) -> Path:
     md = {
         "apiVersion": "modeldeploy.io/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": "iris"},
         "spec": {
-            "model": {"uri": f"file://{model}", "version": "3", **model_fields},
+            "model": {"uri": f"file://{demo_model}", "version": "3", **model_fields},
             "quantization": "dynamic-int8",
             "runtime": {"maxBatchSize": 8, "maxBatchDelayMs": 2},
         },
@@ -53,11 +38,11 @@ def _manifest(directory: Path, model: Path, **model_fields: str) -> Path:
 
 
 @pytest.fixture
-def served(tmp_path: Path, model: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    http_port, grpc_port = _free_port(), _free_port()
+def served(tmp_path: Path, demo_model: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    digest = hashlib.sha256(demo_model.read_bytes()).hexdigest()
+    http_port, grpc_port = free_port(), free_port()
     process = subprocess.Popen(
-        [MODELDEPLOY, "serve", "-f", str(_manifest(tmp_path, model, sha256=digest)),
+        [MODELDEPLOY, "serve", "-f", str(_manifest(tmp_path, demo_model, sha256=digest)),
          "--http-port", str(http_port), "--grpc-port", str(grpc_port),
          "--workdir", str(tmp_path / "work")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -94,23 +79,25 @@ def test_serves_the_verified_quantized_model_to_an_unchanged_client(
     assert process.wait(timeout=30) == 0
 
 
-def test_a_checksum_mismatch_means_the_model_is_never_served(tmp_path: Path, model: Path) -> None:
-    manifest = _manifest(tmp_path, model, sha256="0" * 64)
+def test_a_checksum_mismatch_means_the_model_is_never_served(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    manifest = _manifest(tmp_path, demo_model, sha256="0" * 64)
     result = subprocess.run(
         [MODELDEPLOY, "serve", "-f", str(manifest), "--workdir", str(tmp_path / "w"),
-         "--http-port", str(_free_port()), "--grpc-port", str(_free_port())],
+         "--http-port", str(free_port()), "--grpc-port", str(free_port())],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0
     assert (
         "0" * 64 in result.stderr
-        and hashlib.sha256(model.read_bytes()).hexdigest() in result.stderr
+        and hashlib.sha256(demo_model.read_bytes()).hexdigest() in result.stderr
     )
     assert "not served" in result.stderr
 
 
-def test_an_invalid_spec_is_refused_naming_the_field(tmp_path: Path, model: Path) -> None:
-    manifest = _manifest(tmp_path, model)
+def test_an_invalid_spec_is_refused_naming_the_field(tmp_path: Path, demo_model: Path) -> None:
+    manifest = _manifest(tmp_path, demo_model)
     manifest.write_text(manifest.read_text().replace("dynamic-int8", "int4"))
     result = subprocess.run(
         [MODELDEPLOY, "serve", "-f", str(manifest)], capture_output=True, text=True, timeout=30

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -200,14 +201,15 @@ def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
     return result.stdout
 
 
-def _node(name: str, gpu: bool) -> dict[str, object]:
+def _node(name: str, gpu: bool) -> dict[str, Any]:
     labels = {
         "kubernetes.io/hostname": name,
         "kubernetes.io/os": "linux",
         "kubernetes.io/arch": "amd64",
         "type": "kwok",
     }
-    capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+    # Room for the scale benchmark's thousand pods: these nodes run nothing.
+    capacity = {"cpu": "64", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "1Ti"}
     spec: dict[str, object] = {}
     if gpu:
         labels |= {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": GPU_PRODUCT}
@@ -231,6 +233,11 @@ def _apply_nodes() -> None:
     kubectl(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
     )
+    for node in nodes:
+        # A Node's status is a subresource: apply sets it at creation only.
+        patch = json.dumps({"status": node["status"]})
+        name = node["metadata"]["name"]
+        kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", patch)
     kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
 
 
