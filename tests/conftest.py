@@ -23,6 +23,8 @@ from support import Cluster
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     started_here = not localcluster.is_running()
+    if started_here:
+        localcluster.down()  # whatever an earlier run left in etcd must not leak into this one
     state = localcluster.up()
     yield Cluster(kubeconfig=state.kubeconfig, audit_log=state.audit_log)
     if started_here:
