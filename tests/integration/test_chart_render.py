@@ -166,7 +166,7 @@ def test_optional_monitoring_objects() -> None:
     assert pod_monitor["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "modeldeploy"
     dashboard = _one(docs, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    shipped = (CHART / "dashboards" / "modeldeploy-runtime.json").read_text()
-    assert dashboard["data"]["modeldeploy-runtime.json"] == shipped.rstrip("\n")
+    shipped = (CHART / "dashboards" / "modeldeploy.json").read_text()
+    assert dashboard["data"]["modeldeploy.json"] == shipped.rstrip("\n")
     namespaced = _one(render({**NAMESPACED, **EVERYTHING}), "PodMonitor")["spec"]
     assert namespaced["namespaceSelector"] == {"matchNames": ["ml", "ml-staging"]}

@@ -7,14 +7,18 @@ import re
 import tomllib
 from pathlib import Path
 
+import prometheus_client
 import yaml
 
 from chart_helm import CHART
-from modeldeploy_operator import handlers
+from modeldeploy_operator import (
+    handlers,
+    opmetrics,  # noqa: F401 (registers the operator metrics)
+)
 from modeldeploy_runtime import metrics
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-DASHBOARD = CHART / "dashboards" / "modeldeploy-runtime.json"
+DASHBOARD = CHART / "dashboards" / "modeldeploy.json"
 
 
 def test_the_chart_ships_the_crds_of_the_repository() -> None:
@@ -40,16 +44,30 @@ def test_the_default_runtime_image_is_the_operators() -> None:
     assert default == handlers.DEFAULT_RUNTIME_IMAGE
 
 
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gauge": ("",),
+}
+
+
 def _exported_series() -> set[str]:
+    """The series names the runtime and the operator export."""
     model = metrics.ModelMetrics("iris")
     model.set_model_info("1", "none", "cpu")
     model.set_quantization_accuracy(1.0, 0.0)
-    return {sample.name for family in model.registry.collect() for sample in family.samples} | {
-        family.name for family in model.registry.collect()
+    runtime = {s.name for family in model.registry.collect() for s in family.samples}
+    # The operator's labelled series appear once used; their names follow from the type.
+    operator = {
+        family.name + suffix
+        for family in prometheus_client.REGISTRY.collect()
+        if family.name.startswith("modeldeploy_operator_")
+        for suffix in _SAMPLE_SUFFIXES[family.type]
     }
+    return runtime | operator
 
 
-def test_the_dashboard_queries_only_metrics_the_runtime_exports() -> None:
+def test_the_dashboard_queries_only_metrics_the_runtime_and_operator_export() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     expressions = [t["expr"] for p in panels for t in p["targets"]]
@@ -67,6 +85,12 @@ def test_the_dashboard_queries_only_metrics_the_runtime_exports() -> None:
         "modeldeploy_inference_duration_seconds_bucket",
         "modeldeploy_inflight_requests",
         "modeldeploy_model_info",
+        "modeldeploy_operator_reconciles_total",
+        "modeldeploy_operator_reconcile_duration_seconds_bucket",
+        "modeldeploy_operator_children_total",
+        "modeldeploy_operator_api_requests_total",
+        "modeldeploy_operator_metrics_collections_total",
+        "modeldeploy_operator_metrics_collection_duration_seconds_bucket",
     ):
         assert contract in used
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
