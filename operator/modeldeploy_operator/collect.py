@@ -202,7 +202,12 @@ class MetricsWriter:
         if not telemetry.changed_materially(written, new):
             opmetrics.METRICS_COLLECTIONS.labels(source, "unchanged").inc()
             return
-        await self._write(target.namespace, target.name, new)
+        try:
+            await self._write(target.namespace, target.name, new)
+        except Exception as error:  # one object's failed write (say, just deleted) stops nothing
+            opmetrics.METRICS_COLLECTIONS.labels(source, "error").inc()
+            logger.warning("writing metrics of %s/%s: %s", target.namespace, target.name, error)
+            return
         opmetrics.METRICS_COLLECTIONS.labels(source, "written").inc()
 
     def forget(self, namespace: str, name: str) -> None:
