@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
 
@@ -75,38 +75,47 @@ class _Sink:
 Download = Callable[[_Sink], None]
 
 
+def redacted(uri: str) -> str:
+    """The URI as logs and errors show it: presigned URLs carry signatures in the query, and a
+    URI may carry a password; neither is written anywhere."""
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "<redacted>" if parts.query else "", ""))
+
+
 def fetch(
     uri: str, dest: Path, sha256: str | None, *, pvc_root: Path, attempts: int = ATTEMPTS
 ) -> Path:
     """Fetch ``uri`` into ``dest/<file name>``; returns the path written."""
     parts = urlsplit(uri)
+    shown = redacted(uri)
     name = PurePosixPath(unquote(parts.path)).name
     if not name:
-        raise FetchError(f"{uri} does not name a file")
+        raise FetchError(f"{shown} does not name a file")
     download = _downloader(parts, pvc_root)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / name
     for attempt in range(1, attempts + 1):
         try:
-            _fetch_once(uri, download, target, sha256)
+            _fetch_once(shown, download, target, sha256)
             return target
         except _TransientError as error:
             if attempt == attempts:
-                raise FetchError(f"{uri}: giving up after {attempts} attempts: {error}") from None
+                raise FetchError(f"{shown}: giving up after {attempts} attempts: {error}") from None
             delay = FIRST_BACKOFF_S * 2 ** (attempt - 1)
-            logger.warning("%s: %s; retrying in %.1f s", uri, error, delay)
+            logger.warning("%s: %s; retrying in %.1f s", shown, error, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _fetch_once(uri: str, download: Download, target: Path, sha256: str | None) -> None:
+def _fetch_once(shown: str, download: Download, target: Path, sha256: str | None) -> None:
     started = time.monotonic()
     with tempfile.NamedTemporaryFile(
         dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
     ) as stream:
         temporary = Path(stream.name)
         try:
-            sink = _Sink(stream, uri)
+            sink = _Sink(stream, shown)
             download(sink)
             stream.flush()
             os.fsync(stream.fileno())
@@ -116,12 +125,12 @@ def _fetch_once(uri: str, download: Download, target: Path, sha256: str | None) 
     actual = sink.digest.hexdigest()
     if sha256 is not None and actual != sha256.lower():
         temporary.unlink(missing_ok=True)
-        raise FetchError(f"sha256 mismatch for {uri}: expected {sha256.lower()}, got {actual}")
+        raise FetchError(f"sha256 mismatch for {shown}: expected {sha256.lower()}, got {actual}")
     temporary.chmod(0o644)
     os.replace(temporary, target)
     logger.info(
         "%s: %d bytes in %.1f s, sha256 %s -> %s",
-        uri,
+        shown,
         sink.written,
         time.monotonic() - started,
         actual,
@@ -167,7 +176,7 @@ def _http(url: str, sink: _Sink) -> None:
     except urllib.error.HTTPError as error:
         if error.code in _RETRIED_HTTP:
             raise _TransientError(f"HTTP {error.code} {error.reason}") from None
-        raise FetchError(f"{url}: HTTP {error.code} {error.reason}") from None
+        raise FetchError(f"{redacted(url)}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError) as error:
         raise _TransientError(str(error)) from None
 

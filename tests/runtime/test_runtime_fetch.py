@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import logging
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     failures_left = 0
 
     def do_GET(self) -> None:
-        if self.path != "/models/model.onnx":
+        if self.path.partition("?")[0] != "/models/model.onnx":
             self.send_error(404)
             return
         if _Handler.failures_left > 0:
@@ -65,6 +66,23 @@ def test_transient_http_errors_are_retried(
     path = fetch.fetch(f"{http_server}/models/model.onnx", tmp_path, DIGEST, pvc_root=tmp_path)
     assert path.read_bytes() == PAYLOAD
     assert _Handler.failures_left == 0
+
+
+def test_signatures_in_presigned_urls_are_never_logged_or_shown(
+    http_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    presigned = f"{http_server}/models/model.onnx?X-Amz-Signature=s3cr3t&token=hunter2"
+    fetch.fetch(presigned, tmp_path / "ok", DIGEST, pvc_root=tmp_path)
+    with pytest.raises(fetch.FetchError) as mismatch:
+        fetch.fetch(presigned, tmp_path / "bad", "0" * 64, pvc_root=tmp_path)
+    with pytest.raises(fetch.FetchError) as missing:
+        fetch.fetch(
+            presigned.replace("model.onnx", "other.onnx"), tmp_path, None, pvc_root=tmp_path
+        )
+    shown = caplog.text + str(mismatch.value) + str(missing.value)
+    assert "/models/model.onnx" in shown
+    assert "s3cr3t" not in shown and "hunter2" not in shown
 
 
 def test_http_404_is_not_retried(http_server: str, tmp_path: Path) -> None:
