@@ -140,12 +140,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     run.add_argument(
         "--metrics-interval",
-        type=float,
+        type=_positive_float,
         help="seconds between status.metrics updates (default 30; $MODELDEPLOY_METRICS_INTERVAL)",
     )
     run.add_argument(
         "--metrics-window",
-        type=int,
+        type=_positive_int,
         help="seconds of history PromQL rates cover (default 60; $MODELDEPLOY_METRICS_WINDOW)",
     )
     run.add_argument("--log-format", choices=["json", "plain"], default="plain")
@@ -168,7 +168,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     run.add_argument(
         "--leader-election-lease-seconds",
-        type=int,
+        type=_positive_int,
         default=15,
         metavar="S",
         help="a leader that has not renewed the Lease for this long is replaced (default 15)",
@@ -213,6 +213,24 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--pvc-root", type=Path, default=Path("."), help="pvc://<claim>/<path> reads <root>/<claim>"
     )
     serve.set_defaults(func=_serve)
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above zero, or an error that names the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _positive_float(text)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number")
+    return int(value)
 
 
 def _parser() -> argparse.ArgumentParser:
