@@ -109,6 +109,15 @@ def apply_md(cluster: Cluster, namespace: str, name: str, spec: dict[str, Any]) 
     cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(body))
 
 
+def events_about(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    result = cluster.kubectl(
+        "get", "events", "-n", namespace, f"--field-selector=involvedObject.name={name}",
+        "-o", "json",
+    )  # fmt: skip
+    items: list[dict[str, Any]] = json.loads(result.stdout)["items"]
+    return items
+
+
 def condition(md: dict[str, Any] | None, kind: str) -> dict[str, Any]:
     conditions = (md or {}).get("status", {}).get("conditions", [])
     return next((c for c in conditions if c["type"] == kind), {})

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
-from operator_helpers import apply_md, condition, get, ready_md, wait_for
+from operator_helpers import apply_md, condition, events_about, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -67,17 +67,7 @@ def test_create_makes_every_child_owned_and_reports_ready(
     # GitOps tools compare annotations: kopf must have left none.
     assert not any("kopf" in key for key in md["metadata"].get("annotations", {}))
     assert not md["metadata"].get("finalizers")
-    events = cluster.kubectl(
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        "involvedObject.name=iris",
-        "-o",
-        "json",
-    )
-    reasons = {e["reason"] for e in json.loads(events.stdout)["items"]}
+    reasons = {e["reason"] for e in events_about(cluster, namespace, "iris")}
     assert "Available" in reasons
 
 

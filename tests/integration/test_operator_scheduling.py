@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
-from operator_helpers import apply_md, condition, get, ready_md, wait_for
+from operator_helpers import apply_md, condition, events_about, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -57,17 +57,7 @@ def test_impossible_gpu_request_is_not_ready_and_says_why(
     assert ready["status"] == "False"
     assert ready["message"].startswith("0/1 replicas ready, pods Pending: 0/4 nodes are available")
     assert "Insufficient nvidia.com/gpu" in ready["message"]
-    events = cluster.kubectl(
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        "involvedObject.name=huge",
-        "-o",
-        "json",
-    )
-    warnings = [e for e in json.loads(events.stdout)["items"] if e["type"] == "Warning"]
+    warnings = [e for e in events_about(cluster, namespace, "huge") if e["type"] == "Warning"]
     assert any(e["reason"] == "PodsUnschedulable" for e in warnings)
 
 
