@@ -132,19 +132,21 @@ def ready_md(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | No
     return md if current else None
 
 
-def operator_writes(audit_log: Path, offset: int, namespace: str) -> list[str]:
-    """The operator's write requests in the namespace logged after `offset` bytes."""
-    writes = []
+def audit_events(audit_log: Path, offset: int) -> Iterator[dict[str, Any]]:
+    """The API server's audit events logged after `offset` bytes."""
     with audit_log.open() as log:
         log.seek(offset)
         for line in log:
-            event = json.loads(line)
-            ref = event.get("objectRef", {})
-            if (
-                event.get("stage") == "ResponseComplete"
-                and event["verb"] in WRITE_VERBS
-                and ref.get("namespace") == namespace
-                and event.get("userAgent", "").startswith(OPERATOR_AGENTS)
-            ):
-                writes.append(f"{event['verb']} {event['requestURI']}")
-    return writes
+            yield json.loads(line)
+
+
+def operator_writes(audit_log: Path, offset: int, namespace: str) -> list[str]:
+    """The operator's write requests in the namespace logged after `offset` bytes."""
+    return [
+        f"{event['verb']} {event['requestURI']}"
+        for event in audit_events(audit_log, offset)
+        if event.get("stage") == "ResponseComplete"
+        and event["verb"] in WRITE_VERBS
+        and event.get("objectRef", {}).get("namespace") == namespace
+        and event.get("userAgent", "").startswith(OPERATOR_AGENTS)
+    ]

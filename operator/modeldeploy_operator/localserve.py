@@ -75,9 +75,7 @@ def serve(
         "spec": deployment["spec"]["template"]["spec"],
         "status": {"podIP": host},
     }
-    for volume in pod["spec"]["volumes"]:
-        (workdir / "volumes" / volume["name"]).mkdir(parents=True, exist_ok=True)
-    *init_steps, (serve_argv, serve_env) = podrunner.plan(pod, workdir, pvc_root)
+    *init_steps, (serve_argv, serve_env) = podrunner.prepare(pod, workdir, pvc_root)
     for argv, env in init_steps:
         if subprocess.run(argv, env=os.environ | env).returncode != 0:
             raise ServeError(f"{' '.join(argv[1:3])} failed; the model is not served")

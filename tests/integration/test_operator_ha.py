@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from chart_helm import template
-from operator_helpers import OperatorProcess, apply_md, get, ready_md, wait_for
+from operator_helpers import OperatorProcess, apply_md, audit_events, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -135,15 +135,12 @@ def _service_account_kubeconfig(cluster: Cluster, token: str, path: Path) -> Pat
 
 
 def _forbidden(audit_log: Path, offset: int, user: str) -> list[str]:
-    refused = []
-    with audit_log.open() as log:
-        log.seek(offset)
-        for line in log:
-            event = json.loads(line)
-            code = event.get("responseStatus", {}).get("code")
-            if event.get("user", {}).get("username") == user and code == 403:
-                refused.append(f"{event['verb']} {event['requestURI']}")
-    return refused
+    return [
+        f"{event['verb']} {event['requestURI']}"
+        for event in audit_events(audit_log, offset)
+        if event.get("user", {}).get("username") == user
+        and event.get("responseStatus", {}).get("code") == 403
+    ]
 
 
 def test_the_charts_service_account_is_enough_and_no_more(

@@ -3,8 +3,9 @@
 KWOK schedules pods and marks them Running, but runs nothing. For every running pod of a
 ModelDeployment this runner executes the pod's own init containers and then its serving container,
 as local processes with the containers' commands and arguments, bound to the pod's IP (KWOK hands
-out loopback addresses). So the Service endpoints, a Prometheus scrape of pod IPs and the
-operator's direct scrape all reach a real model server. Volume mount paths are mapped to per-pod
+out loopback addresses). So clients of the pod IPs, a Prometheus scrape of them and the
+operator's direct scrape all reach a real model server (Services do not: the API server refuses
+loopback addresses as endpoints). Volume mount paths are mapped to per-pod
 folders; when a pod goes away its process gets SIGTERM, as the kubelet would send.
 """
 
@@ -81,11 +82,18 @@ def plan(
     return commands
 
 
-def _run_pod(pod: dict[str, Any], running: _RunningPod, workdir: Path, pvc_root: Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)
+def prepare(
+    pod: dict[str, Any], workdir: Path, pvc_root: Path
+) -> list[tuple[list[str], dict[str, str]]]:
+    """Makes the pod's volume folders under `workdir`; returns its `plan`."""
     for volume in pod["spec"].get("volumes", []):
         (workdir / "volumes" / volume["name"]).mkdir(parents=True, exist_ok=True)
-    steps = plan(pod, workdir, pvc_root)
+    return plan(pod, workdir, pvc_root)
+
+
+def _run_pod(pod: dict[str, Any], running: _RunningPod, workdir: Path, pvc_root: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    steps = prepare(pod, workdir, pvc_root)
     with (workdir / "pod.log").open("ab") as log:
         for index, (argv, env) in enumerate(steps):
             if running.stop.is_set():
