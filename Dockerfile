@@ -17,8 +17,10 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY cli/ cli/
 RUN python -m pip wheel --no-deps --wheel-dir /dist .
 
 # What every final image shares: no bytecode writes on a read-only root filesystem, no

@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: venv tools test lint demo demo-down clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e . -e ./dev
 	touch $@
 
 venv: $(BIN)/.installed
@@ -37,7 +37,7 @@ demo: venv
 
 demo-down: venv
 	$(BIN)/python demo/run.py --down
-	$(BIN)/modeldeploy cluster down
+	$(BIN)/modeldeploy-dev cluster down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -6,9 +6,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubernetes import client, config
-
-from modeldeploy_operator.localcluster import build
+from modeldeploy_dev import build
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,3 @@ class Cluster:
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result
-
-    def api_client(self) -> client.ApiClient:
-        return config.new_client_from_config(config_file=str(self.kubeconfig))

@@ -26,8 +26,8 @@ from typing import Any, cast
 
 from kubernetes import client, config
 
-from modeldeploy_operator.localcluster import build
-from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_dev import build
+from modeldeploy_dev import cluster as localcluster
 from modeldeploy_runtime import metrics as runtime_metrics
 
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}

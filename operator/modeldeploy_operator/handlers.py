@@ -4,27 +4,52 @@ Every handler only gathers what the watches saw and hands it to the reconciler. 
 pods are watched (by the managed-by label) and indexed by their ModelDeployment, so reconciling
 reads nothing from the API server, and a child edited or deleted by hand triggers a reconcile
 of its owner at once.
+
+Memory: the indexes hold what the reconciler and the status computation read, not the watched
+bodies: no managedFields, no kopf bookkeeping, only a pod's status. At a thousand
+ModelDeployments the indexes are most of what the operator holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import os
-import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
+from modeldeploy_contract import paths
 from modeldeploy_operator import builders, collect, kube, reconcile
+from modeldeploy_operator import settings as config
 from modeldeploy_operator import spec as api
 
-DEFAULT_RUNTIME_IMAGE = "ghcr.io/modeldeploy/modeldeploy-runtime:0.1.0"
 POD = builders.Kind("v1", "Pod", "pods")
 _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
 _CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """What the handlers act with, made once at startup."""
+
+    reconciler: reconcile.Reconciler
+    metrics: collect.MetricsLoop
+    tasks: list[asyncio.Task[None]]
+
+
+def memo(settings: config.OperatorSettings) -> kopf.Memo:
+    """The memo `modeldeploy run` starts kopf with: its validated settings. Started any other way
+    (`kopf run -m modeldeploy_operator.handlers`), the operator reads them from the environment."""
+    return kopf.Memo(settings=settings)
+
+
+def _dependencies(memo: kopf.Memo) -> Dependencies:
+    dependencies: Dependencies = memo.dependencies
+    return dependencies
 
 
 def _index_id(kind: builders.Kind) -> str:
@@ -32,7 +57,7 @@ def _index_id(kind: builders.Kind) -> str:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's bookkeeping goes into status, not annotations, so GitOps tools see no drift.
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
         field="status.kopf.lastHandledConfiguration"
@@ -49,95 +74,93 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
     # logs the 403s and falls back to what it does now: namespaces given by exact name only.
     settings.scanning.disabled = True
+
+
+@kopf.on.startup()
+async def start(memo: kopf.Memo, **indexes: Any) -> None:
+    pods: kopf.Index[Key, api.Object] = indexes[_index_id(POD)]
+    operator: config.OperatorSettings = memo.get("settings") or config.OperatorSettings()
     client = kube.Kube.from_environment()
-    memo["reconciler"] = reconcile.Reconciler(
-        client, _setting(memo, "runtime_image", DEFAULT_RUNTIME_IMAGE)
-    )
-    prometheus_url = _setting(memo, "prometheus_url", "")
     source: collect.Source = (
-        collect.PrometheusSource(prometheus_url, int(_setting(memo, "metrics_window", "60")))
-        if prometheus_url
+        collect.PrometheusSource(operator.prometheus_url, operator.metrics_window)
+        if operator.prometheus_url
         else collect.DirectSource()
     )
 
     async def write(namespace: str, name: str, metrics: dict[str, Any]) -> None:
         await asyncio.to_thread(client.patch_status, namespace, name, {"metrics": metrics})
 
-    interval = float(_setting(memo, "metrics_interval", "30"))
-    memo["metrics_writer"] = collect.MetricsWriter(source, write, interval)
-    # Resource handlers get a shallow copy of this memo: share state through containers in it.
-    memo["metrics_targets"] = {}
-    memo["indexes"] = {}
-
-
-def _setting(memo: Any, name: str, default: str) -> str:
-    """`modeldeploy run` puts its flags into the memo; else MODELDEPLOY_<NAME>, else default."""
-    value = memo.get(name) or os.environ.get(f"MODELDEPLOY_{name.upper()}") or default
-    return str(value)
-
-
-@kopf.on.startup()
-async def start_metrics(memo: Any, **_: Any) -> None:
-    memo["metrics_task"] = asyncio.create_task(_summarise_metrics(memo))
+    writer = collect.MetricsWriter(source, write, operator.metrics_interval)
+    # The pods index is a live view: the loop reads the pods as the watch last saw them.
+    metrics = collect.MetricsLoop(writer, pods, paths.HTTP_PORT)
+    # Resource handlers get a shallow copy of this memo: the dependencies are shared.
+    memo.dependencies = Dependencies(
+        reconciler=reconcile.Reconciler(client, operator.runtime_image),
+        metrics=metrics,
+        tasks=[asyncio.create_task(metrics.run())],
+    )
 
 
 @kopf.on.cleanup()
-async def stop_metrics(memo: Any, **_: Any) -> None:
-    memo["metrics_task"].cancel()
-    await memo["metrics_writer"].source.close()
-
-
-async def _summarise_metrics(memo: Any) -> None:
-    """Every interval, status.metrics of every ModelDeployment, from one loop.
-
-    One loop rather than a kopf timer per object: kopf puts a finalizer on objects with
-    timers, which is a write per object and something for GitOps tools to trip over.
-    """
-    writer: collect.MetricsWriter = memo["metrics_writer"]
-    limit = asyncio.Semaphore(32)
-
-    async def one(key: tuple[str, str], model: str, written: dict[str, Any] | None) -> None:
-        pods = list(memo["indexes"].get(POD, {}).get(key, []))
-        urls = collect.ready_pod_urls(pods, builders.HTTP_PORT)
-        async with limit:
-            await writer.collect(collect.Target(key[0], key[1], model, urls), written)
-
-    while True:
-        started = time.monotonic()
-        targets = list(memo["metrics_targets"].items())
-        await asyncio.gather(*(one(key, *value) for key, value in targets))
-        await asyncio.sleep(max(0.0, writer.interval - (time.monotonic() - started)))
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    dependencies = _dependencies(memo)
+    for task in dependencies.tasks:
+        task.cancel()
+    await dependencies.metrics.writer.source.close()
 
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # In a pod the service account; elsewhere $KUBECONFIG as it is now (kopf's default handler
-    # goes through the client library, which reads it only once, when first imported).
+    # In a pod the service account; elsewhere $KUBECONFIG as it is now.
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    # kopf's bodies are live views; the indexes keep a snapshot.
-    return copy.deepcopy(dict(body))
+def _slim_model_deployment(body: kopf.Body) -> api.Object:
+    """What reconciling reads of a ModelDeployment: its identity, spec and our status keys."""
+    meta = body.metadata
+    metadata = {
+        key: meta[key]
+        for key in ("name", "namespace", "uid", "generation", "deletionTimestamp")
+        if key in meta
+    }
+    status = {k: copy.deepcopy(v) for k, v in body.status.items() if k != "kopf"}
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": metadata,
+        "spec": copy.deepcopy(dict(body.spec)),
+        "status": status,
+    }
+
+
+def _slim_child(body: kopf.Body, keep_status: bool) -> api.Object:
+    """A child as the diff reads it: without managedFields (often the largest part), and without
+    status unless the status computation reads it (the Deployment's)."""
+    child = {k: copy.deepcopy(v) for k, v in body.items() if k != "status" or keep_status}
+    child["metadata"].pop("managedFields", None)
+    return child
 
 
 @kopf.index(*_MD)
 def model_deployments_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(namespace or "", name): _plain(body)}
+) -> dict[Key, api.Object]:
+    return {(namespace or "", name): _slim_model_deployment(body)}
 
 
-def _index_by_owner(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+def _index_child(
+    resource: kopf.Resource, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, api.Object]:
     instance = labels.get(builders.LABEL_INSTANCE)
-    return {(namespace or "", instance): _plain(body)} if instance else {}
+    if not instance:
+        return {}
+    keep_status = resource.plural == builders.DEPLOYMENT.plural
+    return {(namespace or "", instance): _slim_child(body, keep_status)}
 
 
 def _index_pod(
     namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+) -> dict[Key, api.Object]:
     instance = labels.get(builders.LABEL_INSTANCE)
     if not instance:
         return {}
@@ -145,7 +168,11 @@ def _index_pod(
     summary = {
         "metadata": {
             "name": meta.get("name"),
-            "annotations": dict(meta.get("annotations", {})),
+            "annotations": {
+                k: v
+                for k, v in meta.get("annotations", {}).items()
+                if k == builders.ANNOTATION_MODEL_DIGEST
+            },
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
         "status": copy.deepcopy(dict(status)),
@@ -154,36 +181,30 @@ def _index_pod(
 
 
 for _kind in builders.CHILD_KINDS:
-    kopf.index(_kind.api_version, _kind.plural, labels=_MANAGED, id=_index_id(_kind))(
-        _index_by_owner
-    )
+    kopf.index(_kind.api_version, _kind.plural, labels=_MANAGED, id=_index_id(_kind))(_index_child)
 kopf.index(POD.api_version, POD.plural, labels=_MANAGED, id=_index_id(POD))(_index_pod)
 
 
-def _observed(indexes: Mapping[str, Any], key: tuple[str, str], uid: str) -> reconcile.Observed:
+def _observed(indexes: Mapping[str, Any], key: Key, uid: str) -> reconcile.Observed:
     children = {}
     for kind in builders.CHILD_KINDS:
         candidates = list(indexes[_index_id(kind)].get(key, []))
         # After a delete and re-create under the same name, the old children linger until the
         # garbage collector gets to them: prefer the ones owned by this object.
-        owned = [c for c in candidates if _owned_by(c, uid)]
+        owned = [c for c in candidates if builders.owned_by(c, uid)]
         if owned or candidates:
             children[kind] = (owned or candidates)[0]
     return reconcile.Observed(children=children, pods=list(indexes[_index_id(POD)].get(key, [])))
-
-
-def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", []))
 
 
 @kopf.on.resume(*_MD, id="resume")
 @kopf.on.create(*_MD, id="create")
 @kopf.on.update(*_MD, id="update")
 def model_deployment_changed(
-    body: kopf.Body, namespace: str | None, name: str, uid: str, memo: Any, **kwargs: Any
+    body: kopf.Body, namespace: str | None, name: str, uid: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
-    reconciler: reconcile.Reconciler = memo["reconciler"]
-    reconciler.reconcile(body, _observed(kwargs, (namespace or "", name), uid))
+    key = (namespace or "", name)
+    _dependencies(memo).reconciler.reconcile(body, _observed(kwargs, key, uid))
 
 
 @kopf.on.event(*_MD, id="forget")
@@ -193,20 +214,17 @@ def model_deployment_event(
     name: str,
     spec: kopf.Spec,
     status: kopf.Status,
-    memo: Any,
-    **kwargs: Any,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     key = (namespace or "", name)
+    dependencies = _dependencies(memo)
     if event["type"] == "DELETED":
-        reconciler: reconcile.Reconciler = memo["reconciler"]
-        reconciler.forget(*key)
-        memo["metrics_targets"].pop(key, None)
-        memo["metrics_writer"].forget(*key)
+        dependencies.reconciler.forget(*key)
+        dependencies.metrics.forget(key)
         return
-    # What the metrics loop needs; the pods index is a live view, kept once.
-    memo["indexes"].setdefault(POD, kwargs[_index_id(POD)])
     model = spec.get("model", {}).get("name") or name
-    memo["metrics_targets"][key] = (model, copy.deepcopy(status.get("metrics")))
+    dependencies.metrics.track(key, model, copy.deepcopy(status.get("metrics")))
 
 
 def _child_changed(
@@ -214,7 +232,7 @@ def _child_changed(
     resource: kopf.Resource,
     namespace: str | None,
     labels: kopf.Labels,
-    memo: Any,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     # The initial listing (type None) needs nothing: the resume handlers cover every object.
@@ -222,10 +240,10 @@ def _child_changed(
     instance = labels.get(builders.LABEL_INSTANCE)
     if change is None or not instance or not namespace:
         return
-    reconciler: reconcile.Reconciler = memo["reconciler"]
+    reconciler = _dependencies(memo).reconciler
     key = (namespace, instance)
     mds = list(kwargs["model_deployments_index"].get(key, []))
-    md: dict[str, Any] | None = mds[0] if mds else None
+    md: api.Object | None = mds[0] if mds else None
     gone = _CHILD_KINDS_BY_PLURAL.get(resource.plural) if change == "DELETED" else None
     if gone is not None and md is not None:
         # The owner may be gone already with its deletion not yet seen by our watch: do not

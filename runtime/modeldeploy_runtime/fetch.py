@@ -24,9 +24,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+
+from modeldeploy_contract import paths
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +91,10 @@ def fetch(
     """Fetch ``uri`` into ``dest/<file name>``; returns the path written."""
     parts = urlsplit(uri)
     shown = redacted(uri)
-    name = PurePosixPath(unquote(parts.path)).name
-    if not name:
-        raise FetchError(f"{shown} does not name a file")
+    try:
+        name = paths.artifact_name(uri)
+    except ValueError as error:
+        raise FetchError(f"{shown} {error}") from None
     download = _downloader(parts, pvc_root)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / name

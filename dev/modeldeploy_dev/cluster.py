@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_operator.localcluster import build, pki
+from modeldeploy_dev import build, pki
 
 APISERVER_PORT = int(os.environ.get("MODELDEPLOY_CLUSTER_PORT", "16443"))
 _ETCD_CLIENT_PORT = APISERVER_PORT - 4000
