@@ -6,7 +6,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldeploy_dev import build
+from modeldeploy_dev import cluster
 
 
 @dataclass(frozen=True)
@@ -17,12 +17,7 @@ class Cluster:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(build.binaries().kubectl), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-        )
+        result = cluster.run_kubectl(self.kubeconfig, *args, input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result

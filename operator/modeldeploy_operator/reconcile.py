@@ -160,7 +160,10 @@ class Reconciler:
             if action in (diff.Action.CREATE, diff.Action.UPDATE):
                 assert want is not None
                 logger.info("%s %s %s/%s", action.value, kind.kind, owner.namespace, owner.name)
-                current[kind] = self._applied[(key, kind)] = self._kube.apply(kind, want)
+                applied = self._kube.apply(kind, want)
+                # Kept until the watch shows it: without managedFields, as the indexes keep it.
+                applied.get("metadata", {}).pop("managedFields", None)
+                current[kind] = self._applied[(key, kind)] = applied
                 opmetrics.CHILDREN.labels(kind.kind, _child_action(want, have, converged)).inc()
             elif action is diff.Action.DELETE:
                 assert have is not None
