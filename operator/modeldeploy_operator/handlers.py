@@ -1,19 +1,26 @@
-"""kopf wiring: settings, watches and in-memory indexes, and thin handlers.
+"""kopf wiring: settings, watches and in-memory indexes, and handlers that only queue work.
 
-Every handler only gathers what the watches saw and hands it to the reconciler. Children and
-pods are watched (by the managed-by label) and indexed by their ModelDeployment, so reconciling
-reads nothing from the API server, and a child edited or deleted by hand triggers a reconcile
-of its owner at once.
+Every watch event only puts the key of the ModelDeployment it concerns into a work queue and
+returns; a few workers take keys and hand the ModelDeployment and what the indexes hold of its
+children and pods to the reconciler (level-based: whatever changed, the whole object is
+converged). Children and pods are watched (by the managed-by label) and indexed by their
+ModelDeployment, so reconciling reads nothing from the API server, and a child edited or deleted
+by hand triggers a reconcile of its owner at once.
 
-Memory: the indexes hold what the reconciler and the status computation read, not the watched
-bodies: no managedFields, no kopf bookkeeping, only a pod's status. At a thousand
-ModelDeployments the indexes are most of what the operator holds.
+Memory: at a thousand ModelDeployments the operator's memory is what is in flight, not what is
+stored. kopf decodes every watch event into a body and keeps it while the object's handlers run;
+handlers that waited for a reconcile kept a thousand bodies (and, with kopf's change-detection
+handlers, a thousand status patches on as many TLS connections) alive at once. So nothing waits
+in a handler, kopf writes nothing (no change-detection handlers, no bookkeeping), and the indexes
+hold only what the reconciler and the status computation read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +28,7 @@ from typing import Any
 import kopf
 
 from modeldeploy_contract import paths
-from modeldeploy_operator import builders, collect, kube, reconcile
+from modeldeploy_operator import builders, collect, kube, reconcile, workqueue
 from modeldeploy_operator import settings as config
 from modeldeploy_operator import spec as api
 
@@ -30,6 +37,9 @@ _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
 _CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
 Key = tuple[str, str]
+Queue = workqueue.WorkQueue[Key, builders.Kind]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,9 @@ class Dependencies:
     """What the handlers act with, made once at startup."""
 
     reconciler: reconcile.Reconciler
+    queue: Queue
     metrics: collect.MetricsLoop
+    executor: concurrent.futures.ThreadPoolExecutor
     tasks: list[asyncio.Task[None]]
 
 
@@ -57,16 +69,8 @@ def _index_id(kind: builders.Kind) -> str:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # kopf's bookkeeping goes into status, not annotations, so GitOps tools see no drift.
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
-        field="status.kopf.lastHandledConfiguration"
-    )
-    settings.persistence.progress_storage = kopf.StatusProgressStorage(
-        field="status.kopf.progress", touch_field="status.kopf.dummy"
-    )
-    # kopf would post an Event per handler run, a write on every resync; the reconciler posts
-    # Events on transitions only.
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf would post an Event per handler run; the reconciler posts Events on transitions only.
     settings.posting.enabled = False
     # Peering would write a KopfPeering object every minute; `modeldeploy run` elects one active
     # replica with a Lease instead (leader.py), before kopf starts.
@@ -74,11 +78,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
     # logs the 403s and falls back to what it does now: namespaces given by exact name only.
     settings.scanning.disabled = True
+    # An object's kopf worker (and the last body it saw) lingers this long after its last event.
+    settings.queueing.idle_timeout = 1.0
 
 
 @kopf.on.startup()
 async def start(memo: kopf.Memo, **indexes: Any) -> None:
-    pods: kopf.Index[Key, api.Object] = indexes[_index_id(POD)]
     operator: config.OperatorSettings = memo.get("settings") or config.OperatorSettings()
     client = kube.Kube.from_environment()
     source: collect.Source = (
@@ -91,22 +96,66 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:
         await asyncio.to_thread(client.patch_status, namespace, name, {"metrics": metrics})
 
     writer = collect.MetricsWriter(source, write, operator.metrics_interval)
-    # The pods index is a live view: the loop reads the pods as the watch last saw them.
-    metrics = collect.MetricsLoop(writer, pods, paths.HTTP_PORT)
+    # The indexes are live views: the workers and the metrics loop read them as the watches
+    # last saw them (kopf runs no handler before every index is filled).
+    metrics = collect.MetricsLoop(writer, indexes[_index_id(POD)], paths.HTTP_PORT)
+    reconciler = reconcile.Reconciler(client, operator.runtime_image)
+    queue: Queue = workqueue.WorkQueue()
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"
+    )
+
+    async def handle(key: Key, gone: set[builders.Kind]) -> None:
+        await _reconcile(reconciler, executor, indexes, key, gone)
+
+    def failed(key: Key, error: BaseException, retry_in: float) -> None:
+        logger.error("reconciling %s/%s failed (retry in %.1fs): %s", *key, retry_in, error)
+
+    workers = [queue.work(handle, failed) for _ in range(operator.reconcile_workers)]
     # Resource handlers get a shallow copy of this memo: the dependencies are shared.
     memo.dependencies = Dependencies(
-        reconciler=reconcile.Reconciler(client, operator.runtime_image),
+        reconciler=reconciler,
+        queue=queue,
         metrics=metrics,
-        tasks=[asyncio.create_task(metrics.run())],
+        executor=executor,
+        tasks=[asyncio.create_task(metrics.run()), *map(asyncio.create_task, workers)],
     )
+
+
+async def _reconcile(
+    reconciler: reconcile.Reconciler,
+    executor: concurrent.futures.Executor,
+    indexes: Mapping[str, Any],
+    key: Key,
+    gone: set[builders.Kind],
+) -> None:
+    """One reconcile, from what the indexes hold now (read here, on the event loop)."""
+    mds = list(indexes["model_deployments_index"].get(key, []))
+    if not mds:
+        return  # deleted meanwhile: the garbage collector removes the children
+    md = mds[0]
+    observed = _observed(indexes, key, md["metadata"]["uid"])
+
+    def run() -> None:
+        current: api.Object | None = md
+        if gone:
+            # The owner may be gone already with its deletion not yet seen by our watch: do not
+            # recreate a child the garbage collector just removed.
+            current = reconciler.reread(*key)
+        if current is not None:
+            reconciler.reconcile(current, observed, gone=gone)
+
+    await asyncio.get_running_loop().run_in_executor(executor, run)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     dependencies = _dependencies(memo)
+    await dependencies.queue.close()
     for task in dependencies.tasks:
         task.cancel()
     await dependencies.metrics.writer.source.close()
+    dependencies.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.login()
@@ -197,21 +246,12 @@ def _observed(indexes: Mapping[str, Any], key: Key, uid: str) -> reconcile.Obser
     return reconcile.Observed(children=children, pods=list(indexes[_index_id(POD)].get(key, [])))
 
 
-@kopf.on.resume(*_MD, id="resume")
-@kopf.on.create(*_MD, id="create")
-@kopf.on.update(*_MD, id="update")
-def model_deployment_changed(
-    body: kopf.Body, namespace: str | None, name: str, uid: str, memo: kopf.Memo, **kwargs: Any
-) -> None:
-    key = (namespace or "", name)
-    _dependencies(memo).reconciler.reconcile(body, _observed(kwargs, key, uid))
-
-
-@kopf.on.event(*_MD, id="forget")
-def model_deployment_event(
+@kopf.on.event(*_MD, id="model_deployment_changed")
+async def model_deployment_event(
     event: kopf.RawEvent,
     namespace: str | None,
     name: str,
+    meta: kopf.Meta,
     spec: kopf.Spec,
     status: kopf.Status,
     memo: kopf.Memo,
@@ -221,36 +261,33 @@ def model_deployment_event(
     dependencies = _dependencies(memo)
     if event["type"] == "DELETED":
         dependencies.reconciler.forget(*key)
+        dependencies.queue.forget(key)
         dependencies.metrics.forget(key)
         return
     model = spec.get("model", {}).get("name") or name
     dependencies.metrics.track(key, model, copy.deepcopy(status.get("metrics")))
+    # Listed at startup, just created, or a new generation; not our own status writes.
+    if event["type"] in (None, "ADDED") or status.get("observedGeneration") != meta.get(
+        "generation"
+    ):
+        await dependencies.queue.add(key)
 
 
-def _child_changed(
+async def _child_changed(
     event: kopf.RawEvent,
     resource: kopf.Resource,
     namespace: str | None,
     labels: kopf.Labels,
     memo: kopf.Memo,
-    **kwargs: Any,
+    **_: Any,
 ) -> None:
-    # The initial listing (type None) needs nothing: the resume handlers cover every object.
+    # The initial listing (type None) needs nothing: listing the ModelDeployments queues them all.
     change = event["type"]
     instance = labels.get(builders.LABEL_INSTANCE)
     if change is None or not instance or not namespace:
         return
-    reconciler = _dependencies(memo).reconciler
-    key = (namespace, instance)
-    mds = list(kwargs["model_deployments_index"].get(key, []))
-    md: api.Object | None = mds[0] if mds else None
     gone = _CHILD_KINDS_BY_PLURAL.get(resource.plural) if change == "DELETED" else None
-    if gone is not None and md is not None:
-        # The owner may be gone already with its deletion not yet seen by our watch: do not
-        # recreate a child the garbage collector just removed.
-        md = reconciler.reread(namespace, instance)
-    if md is not None:
-        reconciler.reconcile(md, _observed(kwargs, key, md["metadata"]["uid"]), gone=gone)
+    await _dependencies(memo).queue.add((namespace, instance), gone)
 
 
 for _kind in (*builders.CHILD_KINDS, POD):

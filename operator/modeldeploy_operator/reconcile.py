@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,16 +61,16 @@ class Reconciler:
             return self._locks.setdefault(key, threading.Lock())
 
     def reconcile(
-        self, md: Mapping[str, Any], observed: Observed, gone: builders.Kind | None = None
+        self, md: Mapping[str, Any], observed: Observed, gone: Collection[builders.Kind] = ()
     ) -> None:
-        """Converges one object; `gone` names a child kind just seen deleted."""
+        """Converges one object; `gone` names the child kinds just seen deleted."""
         metadata = md["metadata"]
         if metadata.get("deletionTimestamp"):
             return  # the garbage collector removes the children
         key = (metadata["namespace"], metadata["name"])
         with self._lock(key), opmetrics.RECONCILE_DURATION.time():
-            if gone is not None:
-                self._applied.pop((key, gone), None)
+            for kind in gone:
+                self._applied.pop((key, kind), None)
             latest = {
                 kind: child
                 for kind in builders.CHILD_KINDS

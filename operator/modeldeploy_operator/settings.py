@@ -45,6 +45,9 @@ class OperatorSettings(BaseSettings):
     metrics_window: int = pydantic.Field(
         default=60, gt=0, description="seconds of history PromQL rates cover"
     )
+    reconcile_workers: int = pydantic.Field(
+        default=8, gt=0, le=64, description="ModelDeployments reconciled at once"
+    )
     log_format: Literal["json", "plain"] = "plain"
     verbose: bool = False
     health_port: int = pydantic.Field(default=8080, ge=0, le=65535, description="serves /healthz")
