@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -41,10 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quantization", choices=[q.value for q in settings.Quantization])
     run.add_argument("--calibration-path", metavar="C", help=".npz of sample inputs")
     run.add_argument("--max-batch-size", type=int, help="examples per batch (default 32)")
+    run.add_argument(
+        "--batch-sizes",
+        metavar="1,2,4",
+        help="sizes batches are padded to (default: powers of two on a GPU, all on CPU)",
+    )
     run.add_argument("--max-batch-delay-ms", type=float, help="longest wait to fill a batch (5)")
     run.add_argument("--max-queue-size", type=int, help="queued requests before 429 (1024)")
+    run.add_argument("--max-queue-bytes", type=int, help="queued tensor bytes before 429")
+    run.add_argument("--workers", type=int, help="front-end processes; 0 = derive (default)")
     run.add_argument("--threads", type=int, help="ONNX Runtime threads; 0 = the CPU limit")
     run.add_argument("--device", choices=[d.value for d in settings.Device])
+    run.add_argument("--cudnn-conv-algo-search", choices=[s.value for s in settings.ConvAlgoSearch])
     run.add_argument("--http-port", type=int, help="default 8080")
     run.add_argument("--grpc-port", type=int, help="default 8081")
     return parser
@@ -85,11 +94,21 @@ def _serve(config: settings.ServeSettings) -> int:
     # Imported here so that `fetch` (the init container) does not load ONNX Runtime.
     import uvloop
 
+    from modeldeploy_runtime import model
+
+    device = model.resolve_device(config.device)
+    workers = config.worker_count(device, model.cpu_limit())
+    if workers > 1:
+        # Before prometheus-client is imported: it picks its storage at import time.
+        directory = config.cache_dir / f"metrics-{os.getpid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     from modeldeploy_runtime import server
 
+    logger.info("serving on %s with %d front-end process(es)", device, workers)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve(config))
+            runner.run(server.serve(config, workers))
     except Exception:
         logger.exception("the runtime failed")
         return 1

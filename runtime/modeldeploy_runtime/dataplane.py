@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from modeldeploy_runtime import batching, metrics, model
+from modeldeploy_runtime import batching, metrics, tensors
 
 
 class InferenceError(Exception):
@@ -45,7 +45,7 @@ class RejectedError(InferenceError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class RequestInput:
     name: str
-    data: model.Array
+    data: tensors.Array
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ class InferenceRequest:
 class ResponseOutput:
     name: str
     datatype: str
-    data: model.Array
+    data: tensors.Array
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,11 +73,11 @@ class InferenceResponse:
 
 def decode_tensor(name: str, datatype: Any, shape: Any, data: Any) -> RequestInput:
     """An input from its wire form: raw little-endian bytes or a (nested) list."""
-    dtype = model.DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    dtype = tensors.DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise InvalidInputError(
             f"input {name!r}: datatype {datatype!r} is not supported; "
-            f"use one of {', '.join(model.DATATYPES)}"
+            f"use one of {', '.join(tensors.DATATYPES)}"
         )
     if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -105,25 +105,32 @@ def decode_tensor(name: str, datatype: Any, shape: Any, data: Any) -> RequestInp
     return RequestInput(name, array.reshape(shape))
 
 
+class Backend(Protocol):
+    """Runs validated requests: the batcher in this process, or the engine's through IPC."""
+
+    async def submit(self, inputs: Mapping[str, tensors.Array], size: int) -> list[tensors.Array]:
+        """The outputs for these inputs; raises ``batching.QueueFullError`` when full."""
+
+
 class DataPlane:
     def __init__(self, *, name: str, version: str) -> None:
         self.name = name
         self.version = version
-        self._model: model.OnnxModel | None = None
-        self._batcher: batching.Batcher | None = None
+        self._model: tensors.Signature | None = None
+        self._backend: Backend | None = None
         # Set by the server once the model loaded and a warm-up inference ran,
         # cleared again when it starts shutting down.
         self.ready = False
 
-    def attach(self, served: model.OnnxModel, batcher: batching.Batcher) -> None:
+    def attach(self, served: tensors.Signature, backend: Backend) -> None:
         """Start answering for a loaded model (before that, requests get UnavailableError)."""
         self._model = served
-        self._batcher = batcher
+        self._backend = backend
 
-    def _loaded(self) -> tuple[model.OnnxModel, batching.Batcher]:
-        if self._model is None or self._batcher is None:
+    def _loaded(self) -> tuple[tensors.Signature, Backend]:
+        if self._model is None or self._backend is None:
             raise UnavailableError(f"model {self.name!r} is not loaded yet")
-        return self._model, self._batcher
+        return self._model, self._backend
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -140,7 +147,7 @@ class DataPlane:
         self._check_model(name, version)
         served, _ = self._loaded()
 
-        def describe(specs: Sequence[model.TensorSpec]) -> list[dict[str, Any]]:
+        def describe(specs: Sequence[tensors.TensorSpec]) -> list[dict[str, Any]]:
             return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
         return {
@@ -155,11 +162,11 @@ class DataPlane:
         self, name: str, version: str | None, request: InferenceRequest
     ) -> InferenceResponse:
         self._check_model(name, version)
-        served, batcher = self._loaded()
+        served, backend = self._loaded()
         inputs, size = _validate_inputs(served, request.inputs)
         wanted = _validate_outputs(served, request.outputs)
         try:
-            results = await batcher.submit(inputs, size)
+            results = await backend.submit(inputs, size)
         except batching.QueueFullError as error:
             raise RejectedError(str(error)) from None
         except Exception as error:
@@ -183,10 +190,10 @@ class DataPlane:
 
 
 def _validate_inputs(
-    served: model.OnnxModel, given: Sequence[RequestInput]
-) -> tuple[dict[str, model.Array], int]:
+    served: tensors.Signature, given: Sequence[RequestInput]
+) -> tuple[dict[str, tensors.Array], int]:
     specs = {spec.name: spec for spec in served.inputs}
-    inputs: dict[str, model.Array] = {}
+    inputs: dict[str, tensors.Array] = {}
     for tensor in given:
         spec = specs.get(tensor.name)
         if spec is None:
@@ -195,7 +202,7 @@ def _validate_inputs(
             )
         if tensor.name in inputs:
             raise InvalidInputError(f"input {tensor.name!r} is given more than once")
-        if tensor.data.dtype != model.DATATYPES[spec.datatype]:
+        if tensor.data.dtype != tensors.DATATYPES[spec.datatype]:
             got = _datatype_name(tensor.data.dtype)
             raise InvalidInputError(
                 f"input {spec.name!r}: datatype {got}, but the model expects {spec.datatype}"
@@ -220,10 +227,17 @@ def _validate_inputs(
     (size,) = sizes
     if size == 0:
         raise InvalidInputError("inputs have an empty batch (first dim is 0)")
+    if size > served.max_batch_size:
+        raise InvalidInputError(
+            f"a batch of {size} examples is larger than the model's maxBatchSize "
+            f"{served.max_batch_size}; split the request"
+        )
     return inputs, size
 
 
-def _validate_outputs(served: model.OnnxModel, requested: Sequence[str] | None) -> set[str] | None:
+def _validate_outputs(
+    served: tensors.Signature, requested: Sequence[str] | None
+) -> set[str] | None:
     if requested is None:
         return None
     known = {spec.name for spec in served.outputs}
@@ -236,7 +250,7 @@ def _validate_outputs(served: model.OnnxModel, requested: Sequence[str] | None) 
 
 
 def _datatype_name(dtype: np.dtype[Any]) -> str:
-    for name, known in model.DATATYPES.items():
+    for name, known in tensors.DATATYPES.items():
         if known == dtype:
             return name
     return str(dtype)

@@ -20,7 +20,8 @@ def test_threads_follow_the_affinity_mask(mlp_model: Path) -> None:
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from modeldeploy_runtime import model, settings\n"
-        "model.OnnxModel(pathlib.Path(sys.argv[1]), threads=0, device=settings.Device.CPU).load()\n"
+        "config = model.SessionConfig(device=settings.Device.CPU)\n"
+        "model.OnnxModel(pathlib.Path(sys.argv[1]), config).load()\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(mlp_model)], capture_output=True, text=True, check=True
@@ -30,7 +31,9 @@ def test_threads_follow_the_affinity_mask(mlp_model: Path) -> None:
 
 def test_explicit_threads_win(mlp_model: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=model.__name__):
-        model.OnnxModel(mlp_model, threads=3, device=settings.Device.CPU).load()
+        model.OnnxModel(
+            mlp_model, model.SessionConfig(threads=3, device=settings.Device.CPU)
+        ).load()
     assert "with 3 intra-op threads" in caplog.text
 
 

@@ -38,7 +38,7 @@ def calibration(tmp_path: Path) -> Path:
 
 
 def load(path: Path) -> model.OnnxModel:
-    loaded = model.OnnxModel(path, threads=1, device=settings.Device.CPU)
+    loaded = model.OnnxModel(path, model.SessionConfig(threads=1, device=settings.Device.CPU))
     loaded.load()
     return loaded
 
