@@ -20,8 +20,9 @@ lint: venv
 	$(BIN)/lint-imports
 
 # System tools the tests use that no Python or Go registry provides, from Debian's packages:
-# Lua for the Argo CD health check, Prometheus for the metrics end-to-end test.
-DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus
+# Lua for the Argo CD health check, Prometheus for the metrics end-to-end test, wrk for the
+# benchmarks and their smoke tests.
+DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk
 tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \

@@ -196,6 +196,10 @@ def _serve_args(owner: Owner, spec: api.ModelDeploymentSpec, calibration_dir: st
         str(runtime.max_batch_delay_ms),
         "--max-queue-size",
         str(runtime.max_queue_size),
+        "--max-queue-bytes",
+        str(runtime.max_queue_bytes),
+        "--workers",
+        str(runtime.workers),
         "--threads",
         str(runtime.threads),
         "--device",
@@ -205,6 +209,10 @@ def _serve_args(owner: Owner, spec: api.ModelDeploymentSpec, calibration_dir: st
         "--grpc-port",
         str(GRPC_PORT),
     ]
+    if runtime.batch_sizes:
+        args += ["--batch-sizes", ",".join(str(size) for size in sorted(set(runtime.batch_sizes)))]
+    if spec.accelerator:
+        args += ["--cudnn-conv-algo-search", runtime.cudnn_conv_algo_search]
     if spec.model.version:
         args += ["--model-version", spec.model.version]
     if spec.calibration_uri:
