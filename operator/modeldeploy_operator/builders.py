@@ -19,6 +19,11 @@ Object = dict[str, Any]
 
 HTTP_PORT = 8080
 GRPC_PORT = 8081
+# After SIGTERM the runtime stays up, not ready, for DRAIN_SECONDS (clients keep arriving
+# until the endpoint's removal has spread), then in-flight requests get up to
+# FINISH_SECONDS (the runtime's frontend.FINISH_SECONDS).
+DRAIN_SECONDS = 10
+FINISH_SECONDS = 15
 MODEL_DIR = "/models"
 # The runtime reads pvc://<claim>/<path> from <PVC_ROOT>/<claim>/<path> (its MODELDEPLOY_PVC_ROOT).
 PVC_ROOT = "/mnt/pvc"
@@ -204,6 +209,8 @@ def _serve_args(owner: Owner, spec: api.ModelDeploymentSpec, calibration_dir: st
         str(runtime.threads),
         "--device",
         "cuda" if spec.accelerator else "cpu",
+        "--drain-seconds",
+        str(DRAIN_SECONDS),
         "--http-port",
         str(HTTP_PORT),
         "--grpc-port",
@@ -290,6 +297,9 @@ def deployment(owner: Owner, spec: api.ModelDeploymentSpec, default_image: str) 
         pod_labels[LABEL_MODEL_VERSION] = spec.model.version
     pod_spec: Object = {
         "automountServiceAccountToken": False,
+        # The runtime's SIGTERM sequence: serve on (not ready) through the drain delay,
+        # then give in-flight requests their time; the grace period covers both.
+        "terminationGracePeriodSeconds": DRAIN_SECONDS + FINISH_SECONDS + 5,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": NONROOT_UID,

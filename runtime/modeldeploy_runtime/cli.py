@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="ONNX Runtime threads; 0 = the CPU limit")
     run.add_argument("--device", choices=[d.value for d in settings.Device])
     run.add_argument("--cudnn-conv-algo-search", choices=[s.value for s in settings.ConvAlgoSearch])
+    run.add_argument("--drain-seconds", type=float, help="serving on after SIGTERM, not ready (10)")
     run.add_argument("--http-port", type=int, help="default 8080")
     run.add_argument("--grpc-port", type=int, help="default 8081")
     return parser

@@ -7,14 +7,13 @@ import logging
 
 from aiohttp import web
 
-from modeldeploy_runtime import dataplane, metrics, rest, settings
+from modeldeploy_runtime import dataplane, rest, settings
 from modeldeploy_runtime import grpc as grpc_adapter
 
 logger = logging.getLogger(__name__)
 
-# How long in-flight requests get to finish after SIGTERM; below the pod's default
-# 30 s termination grace period.
-DRAIN_SECONDS = 25.0
+# How long in-flight requests get to finish once the listeners closed.
+FINISH_SECONDS = 15.0
 
 
 class Frontend:
@@ -22,19 +21,24 @@ class Frontend:
         self,
         config: settings.ServeSettings,
         plane: dataplane.DataPlane,
-        stats: metrics.ModelMetrics,
         *,
         reuse_port: bool = False,
     ) -> None:
         self._config = config
         self._reuse_port = reuse_port
         self._runner = web.AppRunner(
-            rest.create_app(plane, stats, config.max_request_bytes),
+            rest.create_app(plane, config.max_request_bytes),
             access_log=None,
             handle_signals=False,
-            shutdown_timeout=DRAIN_SECONDS,
+            shutdown_timeout=FINISH_SECONDS,
+            # A client that hangs up cancels its request, queued work included.
+            handler_cancellation=True,
         )
-        self._grpc = grpc_adapter.create_server(plane, stats, config.max_request_bytes)
+        # Room for a full queue plus the running and the waiting batch: the queue's own
+        # (more telling) 429 comes first, and handlers past it are refused before decoding.
+        self._grpc = grpc_adapter.create_server(
+            plane, config.max_request_bytes, config.max_queue_size + 2 * config.max_batch_size
+        )
         self.http_port = 0
         self.grpc_port = 0
 
@@ -54,5 +58,15 @@ class Frontend:
         await self._grpc.start()
         logger.info("listening: http %d, grpc %d", self.http_port, self.grpc_port)
 
-    async def stop(self) -> None:
-        await asyncio.gather(self._runner.cleanup(), self._grpc.stop(DRAIN_SECONDS))
+    async def stop(self, drain: bool = True) -> None:
+        """Keep serving through the drain delay, then stop accepting and finish in flight.
+
+        Readiness already answers 503; the delay covers the time the cluster takes to
+        take this pod out of its Services' endpoints, while clients still arrive.
+        """
+        if drain and self._config.drain_seconds:
+            logger.info(
+                "draining for %.1f s before closing the listeners", self._config.drain_seconds
+            )
+            await asyncio.sleep(self._config.drain_seconds)
+        await asyncio.gather(self._runner.cleanup(), self._grpc.stop(FINISH_SECONDS))

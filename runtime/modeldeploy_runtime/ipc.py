@@ -34,6 +34,7 @@ _LENGTH = struct.Struct("<I")
 
 # Message kinds.
 INFER = "infer"
+CANCEL = "cancel"
 RESULTS = "results"
 READY = "ready"
 STOP = "stop"
@@ -198,7 +199,12 @@ class EngineClient:
         # The extent is freed when the engine answers, even if this caller has gone.
         self._pending[request_id] = (future, start, need)
         self._channel.send((INFER, request_id, size, described, offset, capacity))
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The client went away: the engine drops the work if it has not run yet.
+            self._channel.send((CANCEL, request_id))
+            raise
 
     def deliver(self, request_id: int, ok: bool, payload: Any) -> None:
         future, start, need = self._pending.pop(request_id)
@@ -242,8 +248,14 @@ class WorkerLink:
         self._channel = channel
         self._arena = arena
         self._enqueue = enqueue
+        self._queued: dict[int, asyncio.Future[list[tensors.Array]]] = {}
 
     def handle(self, message: Any) -> None:
+        if message[0] == CANCEL:
+            future = self._queued.get(message[1])
+            if future is not None:
+                future.cancel()
+            return
         _, request_id, size, described, out_offset, capacity = message
         inputs = {
             name: self._arena.view(offset, shape, dtype) for name, dtype, shape, offset in described
@@ -256,11 +268,16 @@ class WorkerLink:
         except ValueError as error:
             self._channel.send((RESULTS, request_id, False, (INVALID, str(error))))
             return
+        self._queued[request_id] = future
         future.add_done_callback(lambda done: self._reply(request_id, out_offset, capacity, done))
 
     def _reply(
         self, request_id: int, offset: int, capacity: int, done: asyncio.Future[list[tensors.Array]]
     ) -> None:
+        del self._queued[request_id]
+        if done.cancelled():
+            self._channel.send((RESULTS, request_id, False, (FAILED, "cancelled")))
+            return
         error = done.exception()
         if error is not None:
             self._channel.send((RESULTS, request_id, False, (FAILED, str(error))))

@@ -129,8 +129,10 @@ class Server:
     def __init__(self, config: settings.ServeSettings) -> None:
         self.config = config
         self.stats = metrics.ModelMetrics(config.model_name)
-        self.plane = dataplane.DataPlane(name=config.model_name, version=config.model_version)
-        self._frontend = frontend.Frontend(config, self.plane, self.stats)
+        self.plane = dataplane.DataPlane(
+            name=config.model_name, version=config.model_version, stats=self.stats
+        )
+        self._frontend = frontend.Frontend(config, self.plane)
         self._backend = _Backend(config, self.stats)
 
     @property
@@ -156,9 +158,8 @@ class Server:
         )
 
     async def stop(self) -> None:
-        self.plane.ready = False
-        logger.info("draining in-flight requests")
-        await self._frontend.stop()
+        was_ready, self.plane.ready = self.plane.ready, False
+        await self._frontend.stop(drain=was_ready)
         await self._backend.stop()
         logger.info("stopped")
 

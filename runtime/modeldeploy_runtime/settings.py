@@ -64,6 +64,9 @@ class ServeSettings(BaseSettings):
     workers: int = pydantic.Field(default=0, ge=0, le=64)
     device: Device = Device.AUTO
     cudnn_conv_algo_search: ConvAlgoSearch = ConvAlgoSearch.EXHAUSTIVE
+    # After SIGTERM: readiness 503 at once, serving on for this long (endpoint removal takes
+    # time), then the listeners close and in-flight requests get frontend.FINISH_SECONDS.
+    drain_seconds: float = pydantic.Field(default=10.0, ge=0, le=300)
     http_port: int = pydantic.Field(default=8080, ge=0, le=65535)
     grpc_port: int = pydantic.Field(default=8081, ge=0, le=65535)
 

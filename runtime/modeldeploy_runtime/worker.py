@@ -31,8 +31,8 @@ async def _run(config: settings.ServeSettings, sock: socket.socket, arena: ipc.A
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     stats = metrics.ModelMetrics(config.model_name)
-    plane = dataplane.DataPlane(name=config.model_name, version=config.model_version)
-    listeners = frontend.Frontend(config, plane, stats, reuse_port=True)
+    plane = dataplane.DataPlane(name=config.model_name, version=config.model_version, stats=stats)
+    listeners = frontend.Frontend(config, plane, reuse_port=True)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     channel = ipc.Channel(reader, writer)
     client = ipc.EngineClient(channel, arena)
@@ -53,8 +53,8 @@ async def _run(config: settings.ServeSettings, sock: socket.socket, arena: ipc.A
 
     listener = loop.create_task(listen())
     await stopping.wait()
-    plane.ready = False
-    await listeners.stop()
+    was_ready, plane.ready = plane.ready, False
+    await listeners.stop(drain=was_ready)
     listener.cancel()
     channel.close()
 

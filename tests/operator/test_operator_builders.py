@@ -50,6 +50,9 @@ class TestDeployment:
         assert _arg(args, "--threads") == "4"
         assert _arg(args, "--device") == "cpu"
         assert _arg(args, "--workers") == "0"
+        # The grace period covers the runtime's drain delay and the time to finish.
+        assert _arg(args, "--drain-seconds") == "10"
+        assert pod["terminationGracePeriodSeconds"] >= 10 + 15
         assert _arg(args, "--max-queue-bytes") == str(256 * 1024 * 1024)
         # CPU pods run every batch size as it comes; only a GPU model searches cuDNN.
         assert "--batch-sizes" not in args
