@@ -23,8 +23,9 @@ lint: venv
 	$(BIN)/lint-imports
 
 # System tools the tests use that no Python or Go registry provides, from Debian's packages:
-# Lua for the Argo CD health check, Prometheus for the metrics end-to-end test.
-DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus
+# Lua for the Argo CD health check, Prometheus for the metrics end-to-end test, wrk for the
+# benchmarks and their smoke tests.
+DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk
 tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
@@ -49,11 +50,11 @@ clean:
 # `make test`) and the Dockerfile install from them. After changing a dependency in
 # pyproject.toml, `make lock` recompiles all three (add `LOCK_FLAGS=--upgrade` to take the newest
 # versions allowed).
-LOCKS := requirements/operator.txt requirements/runtime.txt requirements/dev.txt
 lock:
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
 		--extra operator $(LOCK_FLAGS) -o requirements/operator.txt pyproject.toml
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
 		--extra runtime $(LOCK_FLAGS) -o requirements/runtime.txt pyproject.toml
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
-		--extra dev $(LOCK_FLAGS) -o requirements/dev.txt pyproject.toml
+		--extra operator --extra runtime --extra dev $(LOCK_FLAGS) -o requirements/dev.txt \
+		pyproject.toml

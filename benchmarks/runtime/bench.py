@@ -214,7 +214,7 @@ def ort_throughput(path: Path, batch: int, seconds: float) -> tuple[float, float
     code = (
         "import pathlib,sys,time,numpy as np\n"
         "from modeldeploy_runtime import model,settings\n"
-        "m=model.OnnxModel(pathlib.Path(sys.argv[1]),threads=0,device=settings.Device.CPU)\n"
+        "m=model.OnnxModel(pathlib.Path(sys.argv[1]),model.SessionConfig(device=settings.Device.CPU))\n"
         "m.load();b=int(sys.argv[2])\n"
         "x={k:np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)"
         " for k,v in m.example_inputs(b).items()}\n"

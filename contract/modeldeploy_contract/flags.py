@@ -34,6 +34,7 @@ WORKERS = "workers"
 THREADS = "threads"
 DEVICE = "device"
 CUDNN_CONV_ALGO_SEARCH = "cudnn_conv_algo_search"
+DRAIN_SECONDS = "drain_seconds"
 HTTP_PORT = "http_port"
 GRPC_PORT = "grpc_port"
 # Environment only: local choices of the machine, not of the ModelDeployment.
@@ -57,6 +58,7 @@ SERVE_FLAGS = (
     THREADS,
     DEVICE,
     CUDNN_CONV_ALGO_SEARCH,
+    DRAIN_SECONDS,
     HTTP_PORT,
     GRPC_PORT,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-QUANTIZATIONS = ("none", "dynamic-int8", "static-int8")
+QUANTIZATIONS = ("none", "dynamic-int8", "static-int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 URI_SCHEMES = ("https", "http", "s3", "gs", "pvc", "file")
 
@@ -16,3 +16,9 @@ MAX_BATCH_DELAY_MS = 5
 MAX_QUEUE_SIZE = 1024
 THREADS = 0  # derived from the CPU limit
 DEFAULT_MODEL_VERSION = "1"
+
+# After SIGTERM the runtime stays up, not ready, for DRAIN_SECONDS (clients keep arriving until
+# the endpoint's removal has spread), then in-flight requests get up to FINISH_SECONDS; the pod's
+# termination grace period covers both.
+DRAIN_SECONDS = 10
+FINISH_SECONDS = 15

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from modeldeploy_contract import flags, metrics, paths
+from modeldeploy_contract import flags, metrics, paths, values
 from modeldeploy_operator import spec as api
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -158,11 +158,18 @@ def serve_settings(
         flags.MAX_BATCH_SIZE: str(runtime.max_batch_size),
         flags.MAX_BATCH_DELAY_MS: str(runtime.max_batch_delay_ms),
         flags.MAX_QUEUE_SIZE: str(runtime.max_queue_size),
+        flags.MAX_QUEUE_BYTES: str(runtime.max_queue_bytes),
+        flags.WORKERS: str(runtime.workers),
         flags.THREADS: str(runtime.threads),
         flags.DEVICE: "cuda" if spec.accelerator else "cpu",
+        flags.DRAIN_SECONDS: str(values.DRAIN_SECONDS),
         flags.HTTP_PORT: str(paths.HTTP_PORT),
         flags.GRPC_PORT: str(paths.GRPC_PORT),
     }
+    if runtime.batch_sizes:
+        settings[flags.BATCH_SIZES] = ",".join(str(s) for s in sorted(set(runtime.batch_sizes)))
+    if spec.accelerator:
+        settings[flags.CUDNN_CONV_ALGO_SEARCH] = runtime.cudnn_conv_algo_search
     if spec.model.version:
         settings[flags.MODEL_VERSION] = spec.model.version
     if spec.calibration_uri:
@@ -307,6 +314,9 @@ def _pod_template(owner: Owner, spec: api.ModelDeploymentSpec, image: str) -> ap
         labels[LABEL_MODEL_VERSION] = spec.model.version
     pod_spec: api.Object = {
         "automountServiceAccountToken": False,
+        # The runtime's SIGTERM sequence: serve on (not ready) through the drain delay,
+        # then give in-flight requests their time; the grace period covers both.
+        "terminationGracePeriodSeconds": values.DRAIN_SECONDS + values.FINISH_SECONDS + 5,
         "securityContext": _POD_SECURITY,
         "initContainers": _init_containers(spec, image),
         "containers": [_serving_container(owner, spec, image)],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -33,7 +33,26 @@ _URI_MAX_LENGTH = 2048
 # A Kubernetes object as plain JSON.
 Object = dict[str, Any]
 # The values of the contract's QUANTIZATIONS; a test checks that they agree.
-Quantization = Literal["none", "dynamic-int8", "static-int8"]
+Quantization = Literal["none", "dynamic-int8", "static-int8", "fp16"]
+ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+_INT8_ON_GPU = (
+    "{mode} with an accelerator is refused: {why}; use quantization fp16 on a GPU "
+    "(or remove the accelerator)"
+)
+DYNAMIC_INT8_ON_GPU = _INT8_ON_GPU.format(
+    mode="dynamic-int8",
+    why="ONNX Runtime runs its integer ops on the CPU, 6-8x slower than FP32 on the GPU",
+)
+STATIC_INT8_ON_GPU = _INT8_ON_GPU.format(
+    mode="static-int8",
+    why="INT8 on a GPU needs ONNX Runtime's TensorRT provider, which the runtime-cuda image "
+    "does not carry",
+)
+FP16_ON_CPU = (
+    "fp16 is for GPUs: on CPU ONNX Runtime converts most float16 work back to float32, slower "
+    "than FP32; add an accelerator, or use dynamic-int8 on CPU"
+)
+BATCH_SIZES_MESSAGE = "the largest of batchSizes must equal maxBatchSize, and none exceed it"
 AutoscalingMetric = Literal["cpu", "memory", "concurrency"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -128,6 +147,17 @@ class ModelSource(_Model):
 class RuntimeSettings(_Model):
     """How the runtime serves the model."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "!has(self.batchSizes) || (self.batchSizes.all(s, s <= self.maxBatchSize) && "
+                "self.batchSizes.exists(s, s == self.maxBatchSize))",
+                BATCH_SIZES_MESSAGE,
+                ".batchSizes",
+            )
+        )
+    )
+
     image: str | None = Field(
         default=None,
         max_length=512,
@@ -138,6 +168,14 @@ class RuntimeSettings(_Model):
         ge=1,
         le=4096,
         description="Largest batch the dynamic batcher forms.",
+    )
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="Sizes every batch is padded up to, so the model only ever runs at these; "
+        "the largest is maxBatchSize. Default: powers of two up to maxBatchSize on a GPU, every "
+        "size (no padding) on CPU.",
     )
     max_batch_delay_ms: int = Field(
         default=values.MAX_BATCH_DELAY_MS,
@@ -151,12 +189,38 @@ class RuntimeSettings(_Model):
         le=1_000_000,
         description="Queued requests beyond this get 429 / RESOURCE_EXHAUSTED.",
     )
+    max_queue_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=64 * 1024**3,
+        description="Bytes of queued request tensors beyond which requests get 429 / "
+        "RESOURCE_EXHAUSTED; count it in the memory limit.",
+    )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Front-end processes that accept and decode requests for the one model "
+        "process; 0 derives them: 1 on CPU, about half the CPU limit on a GPU.",
+    )
+    cudnn_conv_algo_search: ConvAlgoSearch = Field(
+        default="EXHAUSTIVE",
+        description="cuDNN convolution algorithm search on a GPU; it runs once per batch size "
+        "before the pod is Ready.",
+    )
     threads: int = Field(
         default=values.THREADS,
         ge=0,
         le=1024,
         description="Inference threads; 0 derives them from the CPU limit.",
     )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RuntimeSettings:
+        sizes = self.batch_sizes
+        if sizes is not None and max(sizes) != self.max_batch_size:
+            raise ValueError(BATCH_SIZES_MESSAGE)
+        return self
 
 
 class Autoscaling(_Model):
@@ -286,12 +350,27 @@ class ModelDeploymentSpec(_Model):
                 "calibrationUri is required when quantization is static-int8",
                 ".calibrationUri",
             ),
+            _cel(
+                "!has(self.accelerator) || self.quantization != 'dynamic-int8'",
+                DYNAMIC_INT8_ON_GPU,
+                ".quantization",
+            ),
+            _cel(
+                "!has(self.accelerator) || self.quantization != 'static-int8'",
+                STATIC_INT8_ON_GPU,
+                ".quantization",
+            ),
+            _cel(
+                "has(self.accelerator) || self.quantization != 'fp16'", FP16_ON_CPU, ".quantization"
+            ),
         )
     )
 
     model: ModelSource = Field(description="The model to serve.")
     quantization: Quantization = Field(
-        default="none", description="INT8 quantization applied by the runtime at load."
+        default="none",
+        description="Precision the runtime converts the model to at load: INT8 on CPU, "
+        "float16 on a GPU (inputs and outputs stay FP32).",
     )
     calibration_uri: str | None = Field(
         default=None,
@@ -343,6 +422,12 @@ class ModelDeploymentSpec(_Model):
             raise ValueError("replicas and autoscaling are mutually exclusive")
         if self.quantization == "static-int8" and self.calibration_uri is None:
             raise ValueError("calibrationUri is required when quantization is static-int8")
+        if self.accelerator is not None and self.quantization == "dynamic-int8":
+            raise ValueError(DYNAMIC_INT8_ON_GPU)
+        if self.accelerator is not None and self.quantization == "static-int8":
+            raise ValueError(STATIC_INT8_ON_GPU)
+        if self.accelerator is None and self.quantization == "fp16":
+            raise ValueError(FP16_ON_CPU)
         return self
 
 

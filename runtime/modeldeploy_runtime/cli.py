@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -57,15 +58,32 @@ def _parser() -> argparse.ArgumentParser:
         flags.flag(flags.MAX_BATCH_SIZE), type=int, help="examples per batch (default 32)"
     )
     run.add_argument(
+        flags.flag(flags.BATCH_SIZES),
+        metavar="1,2,4",
+        help="sizes batches are padded to (default: powers of two on a GPU, all on CPU)",
+    )
+    run.add_argument(
         flags.flag(flags.MAX_BATCH_DELAY_MS), type=float, help="longest wait to fill a batch (5)"
     )
     run.add_argument(
         flags.flag(flags.MAX_QUEUE_SIZE), type=int, help="queued requests before 429 (1024)"
     )
     run.add_argument(
+        flags.flag(flags.MAX_QUEUE_BYTES), type=int, help="queued tensor bytes before 429"
+    )
+    run.add_argument(
+        flags.flag(flags.WORKERS), type=int, help="front-end processes; 0 = derive (default)"
+    )
+    run.add_argument(
         flags.flag(flags.THREADS), type=int, help="ONNX Runtime threads; 0 = the CPU limit"
     )
     run.add_argument(flags.flag(flags.DEVICE), choices=[d.value for d in settings.Device])
+    run.add_argument(
+        flags.flag(flags.CUDNN_CONV_ALGO_SEARCH), choices=[s.value for s in settings.ConvAlgoSearch]
+    )
+    run.add_argument(
+        flags.flag(flags.DRAIN_SECONDS), type=float, help="serving on after SIGTERM, not ready (10)"
+    )
     run.add_argument(flags.flag(flags.HTTP_PORT), type=int, help="default 8080")
     run.add_argument(flags.flag(flags.GRPC_PORT), type=int, help="default 8081")
     return parser
@@ -110,11 +128,21 @@ def _serve(config: settings.ServeSettings) -> int:
     # Imported here so that `fetch` (the init container) does not load ONNX Runtime.
     import uvloop
 
+    from modeldeploy_runtime import model
+
+    device = model.resolve_device(config.device)
+    workers = config.worker_count(device, model.cpu_limit())
+    if workers > 1:
+        # Before prometheus-client is imported: it picks its storage at import time.
+        directory = config.cache_dir / f"metrics-{os.getpid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     from modeldeploy_runtime import server
 
+    logger.info("serving on %s with %d front-end process(es)", device, workers)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve(config))
+            runner.run(server.serve(config, workers))
     except Exception:
         logger.exception("the runtime failed")
         return 1

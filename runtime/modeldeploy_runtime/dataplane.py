@@ -1,21 +1,38 @@
 """The transport-agnostic data plane of the Open Inference Protocol.
 
-The HTTP and gRPC adapters turn their wire formats into ``InferenceRequest`` with
-``decode_tensor`` and delegate here; errors are ``InferenceError`` subclasses whose
-messages name the input and the problem, and which the adapters map to status codes.
+The HTTP and gRPC adapters turn their wire formats into ``WireTensor`` descriptions and
+call ``DataPlane.decode``, which checks everything it can without touching tensor data
+(model name and version, input names, count, datatypes, ranks, static dims, batch size,
+declared data sizes) against the model's signature, and only then decodes the data.  So a
+hostile body costs its parse and nothing more.  Errors are ``InferenceError`` subclasses
+whose messages name the input and the problem; the adapters map them to status codes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from modeldeploy_runtime import batching, metrics, model
+from modeldeploy_runtime import batching, metrics, tensors
+
+logger = logging.getLogger(__name__)
+
+# Larger dims are refused before any arithmetic: no shape can overflow a count.
+MAX_DIM = 2**31 - 1
+# Bodies above this are parsed and decoded in a thread, so the event loop (and with it the
+# liveness and readiness probes) keeps answering while they are.
+OFFLOAD_BYTES = 1 << 20
+_CHUNK = 1 << 16
+
+Decoded = TypeVar("Decoded")
 
 
 class InferenceError(Exception):
@@ -43,16 +60,24 @@ class RejectedError(InferenceError):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RequestInput:
-    name: str
-    data: model.Array
+class WireTensor:
+    """An input as it arrived: ``data`` is raw little-endian bytes, a (nested) list, or a
+    sized iterable of numbers (gRPC's typed contents); nothing is checked yet."""
+
+    name: Any
+    datatype: Any
+    shape: Any
+    data: Any
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class InferenceRequest:
-    inputs: Sequence[RequestInput]
+    """A decoded request, checked against the model: one batch of ``size`` examples."""
+
+    inputs: Mapping[str, tensors.Array]
+    size: int
     # None: every output of the model.
-    outputs: Sequence[str] | None = None
+    outputs: frozenset[str] | None = None
     id: str | None = None
 
 
@@ -60,7 +85,7 @@ class InferenceRequest:
 class ResponseOutput:
     name: str
     datatype: str
-    data: model.Array
+    data: tensors.Array
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,59 +96,33 @@ class InferenceResponse:
     id: str | None = None
 
 
-def decode_tensor(name: str, datatype: Any, shape: Any, data: Any) -> RequestInput:
-    """An input from its wire form: raw little-endian bytes or a (nested) list."""
-    dtype = model.DATATYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise InvalidInputError(
-            f"input {name!r}: datatype {datatype!r} is not supported; "
-            f"use one of {', '.join(model.DATATYPES)}"
-        )
-    if not isinstance(shape, list | tuple) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise InvalidInputError(f"input {name!r}: shape must be a list of non-negative integers")
-    count = math.prod(shape)
-    if isinstance(data, bytes | bytearray | memoryview):
-        if len(data) != count * dtype.itemsize:
-            raise InvalidInputError(
-                f"input {name!r}: {len(data)} bytes of data, but shape {list(shape)} of "
-                f"{datatype} needs {count * dtype.itemsize}"
-            )
-        array = np.frombuffer(data, dtype=dtype)
-    else:
-        try:
-            array = np.asarray(data, dtype=dtype)
-        except (ValueError, TypeError, OverflowError):
-            message = f"input {name!r}: data is not a list of {datatype} values"
-            raise InvalidInputError(message) from None
-        if array.size != count:
-            raise InvalidInputError(
-                f"input {name!r}: {array.size} values of data, but shape {list(shape)} "
-                f"needs {count}"
-            )
-    return RequestInput(name, array.reshape(shape))
+class Backend(Protocol):
+    """Runs validated requests: the batcher in this process, or the engine's through IPC."""
+
+    async def submit(self, inputs: Mapping[str, tensors.Array], size: int) -> list[tensors.Array]:
+        """The outputs for these inputs; raises ``batching.QueueFullError`` when full."""
 
 
 class DataPlane:
-    def __init__(self, *, name: str, version: str) -> None:
+    def __init__(self, *, name: str, version: str, stats: metrics.ModelMetrics) -> None:
         self.name = name
         self.version = version
-        self._model: model.OnnxModel | None = None
-        self._batcher: batching.Batcher | None = None
+        self.stats = stats
+        self._model: tensors.Signature | None = None
+        self._backend: Backend | None = None
         # Set by the server once the model loaded and a warm-up inference ran,
         # cleared again when it starts shutting down.
         self.ready = False
 
-    def attach(self, served: model.OnnxModel, batcher: batching.Batcher) -> None:
+    def attach(self, served: tensors.Signature, backend: Backend) -> None:
         """Start answering for a loaded model (before that, requests get UnavailableError)."""
         self._model = served
-        self._batcher = batcher
+        self._backend = backend
 
-    def _loaded(self) -> tuple[model.OnnxModel, batching.Batcher]:
-        if self._model is None or self._batcher is None:
+    def _loaded(self) -> tuple[tensors.Signature, Backend]:
+        if self._model is None or self._backend is None:
             raise UnavailableError(f"model {self.name!r} is not loaded yet")
-        return self._model, self._batcher
+        return self._model, self._backend
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -133,14 +132,14 @@ class DataPlane:
         }
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        self._check_model(name, version)
+        self.check_model(name, version)
         return self.ready
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        self._check_model(name, version)
+        self.check_model(name, version)
         served, _ = self._loaded()
 
-        def describe(specs: Sequence[model.TensorSpec]) -> list[dict[str, Any]]:
+        def describe(specs: Sequence[tensors.TensorSpec]) -> list[dict[str, Any]]:
             return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
         return {
@@ -151,15 +150,75 @@ class DataPlane:
             "outputs": describe(served.outputs),
         }
 
-    async def infer(
-        self, name: str, version: str | None, request: InferenceRequest
-    ) -> InferenceResponse:
-        self._check_model(name, version)
-        served, batcher = self._loaded()
-        inputs, size = _validate_inputs(served, request.inputs)
-        wanted = _validate_outputs(served, request.outputs)
+    def decode(
+        self,
+        name: str,
+        version: str | None,
+        given: Sequence[WireTensor],
+        outputs: Sequence[Any] | None = None,
+        request_id: str | None = None,
+    ) -> InferenceRequest:
+        """Check the request against the model, then decode its data."""
+        self.check_input_count(name, version, len(given))
+        served, _ = self._loaded()
+        wanted = _check_outputs(served, outputs)
+        checked = _check_headers(served, given)
+        inputs = {spec.name: _decode(tensor, spec, shape) for tensor, spec, shape in checked}
+        size = _batch_size(served, inputs)
+        return InferenceRequest(inputs, size, wanted, request_id)
+
+    def check_input_count(self, name: str, version: str | None, count: int) -> None:
+        """Refuse more inputs than the model has before any of them is looked at."""
+        self.check_model(name, version)
+        served, _ = self._loaded()
+        if count > len(served.inputs):
+            raise InvalidInputError(
+                f"{count} inputs given, but the model has {len(served.inputs)}: "
+                f"{[spec.name for spec in served.inputs]}"
+            )
+
+    async def handle(
+        self,
+        protocol: metrics.Protocol,
+        decode: Callable[[], tuple[InferenceRequest, Decoded]],
+        *,
+        offload: bool = False,
+    ) -> tuple[InferenceResponse, Decoded]:
+        """One inference call of either transport: decode, run, and count it.
+
+        ``decode`` turns the wire request into a checked request (and whatever else the
+        transport needs back); large ones run in a thread.  Errors come out as
+        ``InferenceError`` for the transport to map to its status codes.
+        """
+        started = time.perf_counter()
+        outcome = metrics.Outcome.SUCCESS
         try:
-            results = await batcher.submit(inputs, size)
+            request, extra = await asyncio.to_thread(decode) if offload else decode()
+            self.stats.inflight.inc()
+            try:
+                return await self.infer(request), extra
+            finally:
+                self.stats.inflight.dec()
+        except InferenceError as error:
+            outcome = error.outcome
+            if outcome is metrics.Outcome.SERVER_ERROR:
+                logger.error("%s", error)
+            raise
+        except asyncio.CancelledError:
+            # The client went away: its queued work is dropped with it.
+            outcome = metrics.Outcome.CLIENT_ERROR
+            raise
+        except Exception as error:
+            outcome = metrics.Outcome.SERVER_ERROR
+            logger.exception("inference request failed")
+            raise InferenceError("internal error; see the server log") from error
+        finally:
+            self.stats.observe_request(protocol, outcome, time.perf_counter() - started)
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        served, backend = self._loaded()
+        try:
+            results = await backend.submit(request.inputs, request.size)
         except batching.QueueFullError as error:
             raise RejectedError(str(error)) from None
         except Exception as error:
@@ -167,11 +226,11 @@ class DataPlane:
         outputs = [
             ResponseOutput(spec.name, spec.datatype, result)
             for spec, result in zip(served.outputs, results, strict=True)
-            if wanted is None or spec.name in wanted
+            if request.outputs is None or spec.name in request.outputs
         ]
         return InferenceResponse(self.name, self.version, outputs, request.id)
 
-    def _check_model(self, name: str, version: str | None) -> None:
+    def check_model(self, name: str, version: str | None) -> None:
         if name != self.name:
             raise ModelNotFoundError(
                 f"model {name!r} is not served here; this server serves {self.name!r}"
@@ -182,64 +241,142 @@ class DataPlane:
             )
 
 
-def _validate_inputs(
-    served: model.OnnxModel, given: Sequence[RequestInput]
-) -> tuple[dict[str, model.Array], int]:
+def _check_headers(
+    served: tensors.Signature, given: Sequence[WireTensor]
+) -> list[tuple[WireTensor, tensors.TensorSpec, tuple[int, ...]]]:
+    """Names, datatypes and shapes against the model's inputs; no data is read."""
     specs = {spec.name: spec for spec in served.inputs}
-    inputs: dict[str, model.Array] = {}
+    seen: set[str] = set()
+    checked = []
     for tensor in given:
-        spec = specs.get(tensor.name)
+        spec = specs.get(tensor.name) if isinstance(tensor.name, str) else None
         if spec is None:
             raise InvalidInputError(
-                f"unknown input {tensor.name!r}; the model's inputs are {sorted(specs)}"
+                f"unknown input {str(tensor.name)[:100]!r}; the model's inputs are {sorted(specs)}"
             )
-        if tensor.name in inputs:
-            raise InvalidInputError(f"input {tensor.name!r} is given more than once")
-        if tensor.data.dtype != model.DATATYPES[spec.datatype]:
-            got = _datatype_name(tensor.data.dtype)
+        if spec.name in seen:
+            raise InvalidInputError(f"input {spec.name!r} is given more than once")
+        seen.add(spec.name)
+        if tensor.datatype != spec.datatype:
+            shown = tensor.datatype if isinstance(tensor.datatype, str) else repr(tensor.datatype)
             raise InvalidInputError(
-                f"input {spec.name!r}: datatype {got}, but the model expects {spec.datatype}"
+                f"input {spec.name!r}: datatype {str(shown)[:32]}, but the model expects "
+                f"{spec.datatype}"
             )
-        shape = tensor.data.shape
-        if len(shape) != len(spec.shape) or any(
+        shape = tensor.shape
+        if (
+            not isinstance(shape, list | tuple)
+            or len(shape) != len(spec.shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        ):
+            raise InvalidInputError(
+                f"input {spec.name!r}: shape must be a list of {len(spec.shape)} integers "
+                f"(the model's is {list(spec.shape)}, -1 is any size)"
+            )
+        if any(d < 0 or d > MAX_DIM for d in shape) or any(
             want >= 0 and got != want for got, want in zip(shape, spec.shape, strict=True)
         ):
             raise InvalidInputError(
                 f"input {spec.name!r}: shape {list(shape)} does not match the model's "
                 f"{list(spec.shape)} (-1 is any size)"
             )
-        inputs[tensor.name] = tensor.data
-    missing = sorted(specs.keys() - inputs.keys())
+        checked.append((tensor, spec, tuple(shape)))
+    missing = sorted(specs.keys() - seen)
     if missing:
         raise InvalidInputError(f"missing input(s) {missing}; the model needs {sorted(specs)}")
+    if served.batchable:
+        sizes = {shape[0] for _, _, shape in checked}
+        if len(sizes) > 1:
+            raise InvalidInputError(
+                f"inputs disagree on the batch size (first dim): {sorted(sizes)}"
+            )
+        (size,) = sizes
+        if size == 0:
+            raise InvalidInputError("inputs have an empty batch (first dim is 0)")
+        if size > served.max_batch_size:
+            raise InvalidInputError(
+                f"a batch of {size} examples is larger than the model's maxBatchSize "
+                f"{served.max_batch_size}; split the request"
+            )
+    return checked
+
+
+def _decode(tensor: WireTensor, spec: tensors.TensorSpec, shape: tuple[int, ...]) -> tensors.Array:
+    dtype = tensors.DATATYPES[spec.datatype]
+    count = math.prod(shape)
+    data = tensor.data
+    if isinstance(data, bytes | bytearray | memoryview):
+        if len(data) != count * dtype.itemsize:
+            raise InvalidInputError(
+                f"input {spec.name!r}: {len(data)} bytes of data, but shape {list(shape)} of "
+                f"{spec.datatype} needs {count * dtype.itemsize}"
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    if isinstance(data, list):
+        if data and not isinstance(data[0], list) and len(data) != count:
+            raise InvalidInputError(
+                f"input {spec.name!r}: {len(data)} values of data, but shape {list(shape)} "
+                f"needs {count}"
+            )
+        try:
+            array = _from_list(data, dtype)
+        except (ValueError, TypeError, OverflowError):
+            raise InvalidInputError(
+                f"input {spec.name!r}: data is not a list of {spec.datatype} values"
+            ) from None
+    elif not isinstance(data, dict | str) and hasattr(data, "__len__"):
+        if len(data) != count:
+            raise InvalidInputError(
+                f"input {spec.name!r}: {len(data)} values of data, but shape {list(shape)} "
+                f"needs {count}"
+            )
+        try:
+            array = np.fromiter(data, dtype=dtype, count=count)
+        except (ValueError, TypeError, OverflowError):
+            raise InvalidInputError(
+                f"input {spec.name!r}: data is not a list of {spec.datatype} values"
+            ) from None
+    else:
+        raise InvalidInputError(f"input {spec.name!r}: data must be a list of numbers")
+    if array.size != count:
+        raise InvalidInputError(
+            f"input {spec.name!r}: {array.size} values of data, but shape {list(shape)} "
+            f"needs {count}"
+        )
+    return array.reshape(shape)
+
+
+def _from_list(data: list[Any], dtype: np.dtype[Any]) -> tensors.Array:
+    """A flat list converts in chunks: each holds the GIL briefly, so the loop keeps turning."""
+    if len(data) <= _CHUNK or isinstance(data[0], list):
+        return np.asarray(data, dtype=dtype)
+    array = np.empty(len(data), dtype)
+    for start in range(0, len(data), _CHUNK):
+        array[start : start + _CHUNK] = data[start : start + _CHUNK]
+    return array
+
+
+def _batch_size(served: tensors.Signature, inputs: Mapping[str, tensors.Array]) -> int:
     if not served.batchable:
-        return inputs, 1
-    sizes = {array.shape[0] for array in inputs.values()}
-    if len(sizes) > 1:
-        raise InvalidInputError(f"inputs disagree on the batch size (first dim): {sorted(sizes)}")
-    (size,) = sizes
-    if size == 0:
-        raise InvalidInputError("inputs have an empty batch (first dim is 0)")
-    return inputs, size
+        return 1
+    size: int = next(iter(inputs.values())).shape[0]
+    return size
 
 
-def _validate_outputs(served: model.OnnxModel, requested: Sequence[str] | None) -> set[str] | None:
+def _check_outputs(
+    served: tensors.Signature, requested: Sequence[Any] | None
+) -> frozenset[str] | None:
     if requested is None:
         return None
     known = {spec.name for spec in served.outputs}
+    if len(requested) > len(known) or not all(isinstance(n, str) for n in requested):
+        raise InvalidInputError(f"outputs must name some of the model's outputs {sorted(known)}")
     unknown = sorted(set(requested) - known)
     if unknown:
         raise InvalidInputError(
             f"unknown output(s) {unknown} requested; the model's outputs are {sorted(known)}"
         )
-    return set(requested)
-
-
-def _datatype_name(dtype: np.dtype[Any]) -> str:
-    for name, known in model.DATATYPES.items():
-        if known == dtype:
-            return name
-    return str(dtype)
+    return frozenset(requested)
 
 
 def _package_version() -> str:

@@ -3,13 +3,12 @@
 The messages and service stubs are the ones generated and shipped by the maintained
 ``tritonclient`` package (``tritonclient.grpc.service_pb2``/``service_pb2_grpc``), so
 the wire contract is the one its clients speak.  Inputs are read from
-``raw_input_contents`` or typed ``contents``; outputs are always sent raw.
+``raw_input_contents`` (as bytes) or typed ``contents`` (straight into numpy, counted
+against the shape first); outputs are always sent raw.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import grpc
@@ -18,8 +17,6 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modeldeploy_runtime import dataplane, metrics
-
-logger = logging.getLogger(__name__)
 
 _CODES: dict[type[dataplane.InferenceError], grpc.StatusCode] = {
     dataplane.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -45,9 +42,8 @@ _CONTENTS_FIELD = {
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, plane: dataplane.DataPlane, stats: metrics.ModelMetrics) -> None:
+    def __init__(self, plane: dataplane.DataPlane) -> None:
         self._plane = plane
-        self._stats = stats
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=True)
@@ -83,37 +79,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
-        started = time.perf_counter()
-        self._stats.inflight.inc()
-        outcome = metrics.Outcome.SUCCESS
+        plane = self._plane
         try:
-            response = await self._plane.infer(
-                request.model_name, request.model_version, _decode(request)
+            response, _ = await plane.handle(
+                metrics.Protocol.GRPC,
+                lambda: (decode(plane, request), None),
+                offload=request.ByteSize() > dataplane.OFFLOAD_BYTES,
             )
-            return _encode(response)
         except dataplane.InferenceError as error:
-            outcome = error.outcome
-            if outcome is metrics.Outcome.SERVER_ERROR:
-                logger.error("%s", error)
             await context.abort(_CODES[type(error)], str(error))
-        except Exception:
-            outcome = metrics.Outcome.SERVER_ERROR
-            logger.exception("inference request failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        finally:
-            self._stats.inflight.dec()
-            self._stats.observe_request(
-                metrics.Protocol.GRPC, outcome, time.perf_counter() - started
-            )
+        return _encode(response)
 
 
-def _decode(request: Any) -> dataplane.InferenceRequest:
+def decode(plane: dataplane.DataPlane, request: Any) -> dataplane.InferenceRequest:
+    """The checked request: raw contents as bytes, typed contents without Python lists."""
+    plane.check_input_count(request.model_name, request.model_version, len(request.inputs))
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise dataplane.InvalidInputError(
             f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents; give one per input"
         )
-    inputs = []
+    given = []
     for i, tensor in enumerate(request.inputs):
         data: Any
         if raw:
@@ -122,14 +108,14 @@ def _decode(request: Any) -> dataplane.InferenceRequest:
             field = _CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
                 raise dataplane.InvalidInputError(
-                    f"input {tensor.name!r}: send {tensor.datatype} data in raw_input_contents"
+                    f"input {tensor.name!r}: send {tensor.datatype[:32]} data in raw_input_contents"
                 )
-            data = list(getattr(tensor.contents, field))
-        inputs.append(
-            dataplane.decode_tensor(tensor.name, tensor.datatype, list(tensor.shape), data)
-        )
+            data = getattr(tensor.contents, field)
+        given.append(dataplane.WireTensor(tensor.name, tensor.datatype, list(tensor.shape), data))
     outputs = [o.name for o in request.outputs] or None
-    return dataplane.InferenceRequest(inputs, outputs, request.id or None)
+    return plane.decode(
+        request.model_name, request.model_version, given, outputs, request.id or None
+    )
 
 
 def _encode(response: dataplane.InferenceResponse) -> Any:
@@ -148,13 +134,15 @@ def _encode(response: dataplane.InferenceResponse) -> Any:
 
 
 def create_server(
-    plane: dataplane.DataPlane, stats: metrics.ModelMetrics, max_message_bytes: int
+    plane: dataplane.DataPlane, max_message_bytes: int, max_concurrent_rpcs: int
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        ],
+        # Beyond it gRPC itself answers RESOURCE_EXHAUSTED: memory stays bounded.
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, stats), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
     return server

@@ -19,19 +19,26 @@ These names and labels are a contract: the operator summarises them into
 ``modeldeploy_inflight_requests{model}`` (gauge)
     Inference requests received and not yet answered.
 ``modeldeploy_model_info{model, version, quantization, device}`` (gauge, always 1)
-    What is served: ``quantization`` is ``none``, ``dynamic-int8`` or ``static-int8``;
+    What is served: ``quantization`` is ``none``, ``dynamic-int8``, ``static-int8`` or ``fp16``;
     ``device`` is ``cpu`` or ``cuda``.
 ``modeldeploy_quantization_top1_agreement{model}`` (gauge, 0..1; quantized models only)
     Share of sample inputs whose arg-max of the first output agrees with FP32.
 ``modeldeploy_quantization_max_abs_error{model}`` (gauge; quantized models only)
     Largest absolute difference of the first output against FP32 on those samples.
+
+With several front-end processes (``--workers``), every process records into
+prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the server
+before any process imports this module) and ``/metrics`` on any of them shows the sum
+over the live processes: one view of the pod.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 
 import prometheus_client as prom
+from prometheus_client import multiprocess
 
 from modeldeploy_contract import metrics as names
 
@@ -101,24 +108,28 @@ class ModelMetrics:
             "Inference requests being handled.",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         ).labels(model_name)
         self._info = prom.Gauge(
             names.MODEL_INFO,
             "The served model; always 1.",
             ["model", "version", "quantization", "device"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self._top1 = prom.Gauge(
             names.QUANTIZATION_TOP1_AGREEMENT,
             "Top-1 agreement of the quantized model with FP32 on sample inputs.",
             ["model"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self._max_abs_error = prom.Gauge(
             names.QUANTIZATION_MAX_ABS_ERROR,
             "Largest absolute output difference of the quantized model against FP32.",
             ["model"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self._model = model_name
         # Children resolved once: label lookups are measurable on the hot path.
@@ -141,4 +152,17 @@ class ModelMetrics:
         self._max_abs_error.labels(self._model).set(max_abs_error)
 
     def exposition(self) -> bytes:
+        if MULTIPROCESS_DIR in os.environ:
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return prom.generate_latest(registry)
         return prom.generate_latest(self.registry)
+
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def process_exited(pid: int) -> None:
+    """Drop the live-only gauges of a process that exited (multiprocess mode)."""
+    if MULTIPROCESS_DIR in os.environ:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -6,34 +6,22 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 
-from modeldeploy_runtime import settings
+from modeldeploy_runtime import settings, tensors
 
 logger = logging.getLogger(__name__)
 
-Array = npt.NDArray[np.generic]
+Array = tensors.Array
+DATATYPES = tensors.DATATYPES
+TensorSpec = tensors.TensorSpec
+Signature = tensors.Signature
 
-# Open Inference Protocol datatype <-> numpy; BF16 and BYTES have no numpy twin we serve.
-DATATYPES: dict[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 _ORT_TYPES = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
@@ -51,69 +39,134 @@ _ORT_TYPES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output; ``-1`` marks a dynamic dimension."""
+class SessionConfig:
+    threads: int = 0
+    device: settings.Device = settings.Device.AUTO
+    cudnn_conv_algo_search: settings.ConvAlgoSearch = settings.ConvAlgoSearch.EXHAUSTIVE
+    cuda_device_id: int = 0
+    cuda_mem_limit_bytes: int = 0
+    profile_dir: Path | None = None
 
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
+    @classmethod
+    def of(cls, config: settings.ServeSettings) -> SessionConfig:
+        return cls(
+            threads=config.threads,
+            device=config.device,
+            cudnn_conv_algo_search=config.cudnn_conv_algo_search,
+            cuda_device_id=config.cuda_device_id,
+            cuda_mem_limit_bytes=config.cuda_mem_limit_bytes,
+            profile_dir=config.profile_dir,
+        )
+
+    def cuda_options(self) -> dict[str, str]:
+        """The CUDA execution provider's options, each set on purpose (README: GPU serving)."""
+        options = {
+            "device_id": str(self.cuda_device_id),
+            # Sizes are fixed after warm-up, so the arena stops growing; allocating exactly
+            # what is asked keeps a session per batch size from doubling its footprint.
+            "arena_extend_strategy": "kSameAsRequested",
+            # Batches run one at a time; copies on the compute stream keep them ordered
+            # with the kernels that read them, with no extra synchronisation.
+            "do_copy_in_default_stream": "1",
+            # The search runs once per batch size during warm-up (each size has its own
+            # session), so the thorough search costs nothing at serving time.
+            "cudnn_conv_algo_search": self.cudnn_conv_algo_search.value,
+            # Let cuDNN use as much workspace as its fastest algorithm wants.
+            "cudnn_conv_use_max_workspace": "1",
+        }
+        if self.cuda_mem_limit_bytes:
+            options["gpu_mem_limit"] = str(self.cuda_mem_limit_bytes)
+        return options
 
 
 class OnnxModel:
-    def __init__(self, path: Path, *, threads: int, device: settings.Device) -> None:
+    """A model file and its ONNX Runtime sessions: one per batch size on a GPU.
+
+    ONNX Runtime's CUDA provider redoes cuDNN's algorithm search whenever an input shape
+    differs from the previous run's (about 0.5 s for a ResNet-50), so each batch size gets
+    a session of its own, which only ever sees that size.  On CPU there is no such cost and
+    one session serves every size.
+    """
+
+    def __init__(self, path: Path, config: SessionConfig) -> None:
         self.path = path
-        self._threads = threads
-        self._device = device
+        self._config = config
+        self._sessions: dict[int, ort.InferenceSession] = {}
         self._session: ort.InferenceSession | None = None
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.device_used = "cpu"
 
-    def load(self) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self._threads or cpu_limit()
-        # One batch runs at a time; a second pool would only compete for the same cores.
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning threads burn the CPU quota between requests and starve the event loop.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = self._providers()
-        self._session = ort.InferenceSession(str(self.path), options, providers=providers)
+    def load(self, sizes: Sequence[int] = ()) -> None:
+        """Create the sessions; ``sizes`` are the batch sizes that get one each on a GPU."""
+        self._session = self._new_session()
         self.device_used = (
             "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         )
         self.inputs = tuple(_spec(node) for node in self._session.get_inputs())
         self.outputs = tuple(_spec(node) for node in self._session.get_outputs())
+        if self.device_used == "cuda" and self.signature((1,)).batchable:
+            self._sessions = {size: self._new_session() for size in sizes[1:]}
+            if sizes:
+                self._sessions[sizes[0]] = self._session
         logger.info(
-            "loaded %s on %s with %d intra-op threads",
+            "loaded %s on %s with %d intra-op threads, %d session(s)",
             self.path,
             self.device_used,
-            options.intra_op_num_threads,
+            self._config.threads or cpu_limit(),
+            len(self._sessions) or 1,
         )
 
-    def _providers(self) -> list[str]:
+    def _new_session(self) -> ort.InferenceSession:
+        config = self._config
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = config.threads or cpu_limit()
+        # One batch runs at a time; a second pool would only compete for the same cores.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning threads burn the CPU quota between requests and starve the front end.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if config.profile_dir is not None:
+            config.profile_dir.mkdir(parents=True, exist_ok=True)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(config.profile_dir / self.path.stem)
+        return ort.InferenceSession(str(self.path), options, providers=self._providers())
+
+    def _providers(self) -> list[Any]:
         available = ort.get_available_providers()
-        if self._device is settings.Device.CPU:
+        device = self._config.device
+        if device is settings.Device.CPU:
             return ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if self._device is settings.Device.CUDA:
+            return [("CUDAExecutionProvider", self._config.cuda_options()), "CPUExecutionProvider"]
+        if device is settings.Device.CUDA:
             raise RuntimeError(f"device cuda asked for, but ONNX Runtime only has {available}")
         return ["CPUExecutionProvider"]
 
-    @property
-    def batchable(self) -> bool:
-        """Requests can be merged when every input and output has a dynamic first dim."""
-        return all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs))
+    def signature(self, sizes: tuple[int, ...]) -> Signature:
+        return Signature(self.inputs, self.outputs, sizes)
 
-    def predict(self, inputs: Mapping[str, Array]) -> list[Array]:
+    def session_for(self, size: int) -> ort.InferenceSession:
         if self._session is None:
             raise RuntimeError("model is not loaded")
-        return list(self._session.run(None, dict(inputs)))
+        if not self._sessions:
+            return self._session
+        session = self._sessions.get(size)
+        if session is None:
+            raise ValueError(f"no session for batch size {size}; sizes {sorted(self._sessions)}")
+        return session
+
+    def predict(self, inputs: Mapping[str, Array]) -> list[Array]:
+        size = next(iter(inputs.values())).shape[0] if self._sessions else 0
+        return list(self.session_for(size).run(None, dict(inputs)))
 
     def unload(self) -> None:
+        for session in {id(s): s for s in (self._session, *self._sessions.values())}.values():
+            if session is not None and self._config.profile_dir is not None:
+                session.end_profiling()
         self._session = None
+        self._sessions = {}
 
     def example_inputs(self, batch: int = 1) -> dict[str, Array]:
         """Zeros shaped like the inputs, dynamic dims set to ``batch`` (first) or 1."""
@@ -132,6 +185,14 @@ def _spec(node: ort.NodeArg) -> TensorSpec:
         raise ValueError(f"tensor {node.name!r} has type {node.type}, which is not served")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     return TensorSpec(node.name, datatype, shape)
+
+
+def resolve_device(device: settings.Device) -> str:
+    """The device the sessions will use, known before loading (it decides batch sizes)."""
+    if device is not settings.Device.AUTO:
+        return device.value
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return settings.Device.CUDA.value if cuda else settings.Device.CPU.value
 
 
 def cpu_limit() -> int:

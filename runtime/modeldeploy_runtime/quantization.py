@@ -1,4 +1,4 @@
-"""INT8 quantization at load time, cached by content hash, with its accuracy measured.
+"""INT8 quantization and FP16 conversion at load time, cached by content hash, measured.
 
 The cached model is written beside the original (``<stem>.<mode>.<hash>.onnx``) when
 that directory is writable, otherwise into the cache directory (the pod's root
@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime import quantization as ortq
+from onnxruntime.transformers import float16
 
 from modeldeploy_runtime import model, settings
 
@@ -61,7 +63,11 @@ def quantize(
         linked = Path(scratch) / source.name
         linked.symlink_to(source.resolve())
         tmp = Path(scratch) / name
-        if mode is settings.Quantization.DYNAMIC_INT8:
+        if mode is settings.Quantization.FP16:
+            # FP16 weights and compute; inputs and outputs stay FP32, so clients see no change.
+            converted = float16.convert_float_to_float16(onnx.load(linked), keep_io_types=True)
+            onnx.save(converted, tmp)
+        elif mode is settings.Quantization.DYNAMIC_INT8:
             # Per-channel scales: same speed, and top-1 agreement went from 95% to 99%
             # on the benchmark's heavy model.
             ortq.quantize_dynamic(linked, tmp, weight_type=ortq.QuantType.QInt8, per_channel=True)

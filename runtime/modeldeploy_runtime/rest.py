@@ -9,9 +9,6 @@ JSON header and the raw tensors follow, each input marked with
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -19,8 +16,6 @@ import orjson
 from aiohttp import web
 
 from modeldeploy_runtime import dataplane, metrics
-
-logger = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -31,7 +26,6 @@ _STATUS: dict[type[dataplane.InferenceError], int] = {
     dataplane.UnavailableError: 503,
     dataplane.InferenceError: 500,
 }
-Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -42,90 +36,95 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
-def create_app(
-    plane: dataplane.DataPlane, stats: metrics.ModelMetrics, max_body: int
-) -> web.Application:
-    app = web.Application(client_max_size=max_body)
+class Endpoints:
+    """The HTTP endpoints of one data plane; each method is an aiohttp handler."""
 
-    async def live(_: web.Request) -> web.Response:
+    def __init__(self, plane: dataplane.DataPlane, max_body: int) -> None:
+        self._plane = plane
+        self._max_body = max_body
+
+    async def live(self, _: web.Request) -> web.Response:
         return _json({"live": True})
 
-    async def ready(_: web.Request) -> web.Response:
-        return _json({"ready": plane.ready}, 200 if plane.ready else 503)
+    async def ready(self, _: web.Request) -> web.Response:
+        return _json({"ready": self._plane.ready}, 200 if self._plane.ready else 503)
 
-    async def server_metadata(_: web.Request) -> web.Response:
-        return _json(plane.server_metadata())
+    async def server_metadata(self, _: web.Request) -> web.Response:
+        return _json(self._plane.server_metadata())
 
-    def model_endpoint(
-        call: Callable[[str, str | None], web.Response],
-    ) -> Handler:
-        async def handler(request: web.Request) -> web.Response:
-            try:
-                return call(request.match_info["name"], request.match_info.get("version"))
-            except dataplane.InferenceError as error:
-                return _error(_STATUS[type(error)], str(error))
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        try:
+            return _json(self._plane.model_metadata(name, version))
+        except dataplane.InferenceError as error:
+            return _error(_STATUS[type(error)], str(error))
 
-        return handler
-
-    def model_metadata(name: str, version: str | None) -> web.Response:
-        return _json(plane.model_metadata(name, version))
-
-    def model_ready(name: str, version: str | None) -> web.Response:
-        is_ready = plane.model_ready(name, version)
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        try:
+            is_ready = self._plane.model_ready(name, version)
+        except dataplane.InferenceError as error:
+            return _error(_STATUS[type(error)], str(error))
         return _json({"name": name, "ready": is_ready}, 200 if is_ready else 503)
 
-    async def infer(request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        stats.inflight.inc()
-        outcome = metrics.Outcome.SUCCESS
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        plane = self._plane
         try:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                outcome = metrics.Outcome.CLIENT_ERROR
-                return _error(413, f"request body is larger than the limit of {max_body} bytes")
-            parsed, binary_outputs, all_binary = _parse_infer(
-                body, request.headers.get(HEADER_LENGTH)
-            )
-            response = await plane.infer(
-                request.match_info["name"], request.match_info.get("version"), parsed
-            )
-            return _encode(response, binary_outputs, all_binary)
+            # An unknown model is refused before its body is read.
+            plane.check_model(name, version)
+            body = await request.read()
         except dataplane.InferenceError as error:
-            outcome = error.outcome
-            if outcome is metrics.Outcome.SERVER_ERROR:
-                logger.error("%s", error)
+            plane.stats.observe_request(metrics.Protocol.HTTP, error.outcome, 0.0)
             return _error(_STATUS[type(error)], str(error))
-        except Exception:
-            outcome = metrics.Outcome.SERVER_ERROR
-            logger.exception("inference request failed")
-            return _error(500, "internal error; see the server log")
-        finally:
-            stats.inflight.dec()
-            stats.observe_request(metrics.Protocol.HTTP, outcome, time.perf_counter() - started)
+        except web.HTTPRequestEntityTooLarge:
+            plane.stats.observe_request(metrics.Protocol.HTTP, metrics.Outcome.CLIENT_ERROR, 0.0)
+            return _error(413, f"request body is larger than the limit of {self._max_body} bytes")
+        header_length = request.headers.get(HEADER_LENGTH)
+        try:
+            response, (binary_outputs, all_binary) = await plane.handle(
+                metrics.Protocol.HTTP,
+                lambda: parse_infer(plane, name, version, body, header_length),
+                offload=len(body) > dataplane.OFFLOAD_BYTES,
+            )
+        except dataplane.InferenceError as error:
+            return _error(_STATUS[type(error)], str(error))
+        return _encode(response, binary_outputs, all_binary)
 
-    async def metrics_endpoint(_: web.Request) -> web.Response:
+    async def metrics(self, _: web.Request) -> web.Response:
         return web.Response(
-            body=stats.exposition(), headers={"Content-Type": "text/plain; version=0.0.4"}
+            body=self._plane.stats.exposition(),
+            headers={"Content-Type": "text/plain; version=0.0.4"},
         )
 
-    model = "/v2/models/{name}"
-    versioned = "/v2/models/{name}/versions/{version}"
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
-    app.router.add_get("/v2", server_metadata)
-    app.router.add_get("/metrics", metrics_endpoint)
-    for prefix in (model, versioned):
-        app.router.add_get(prefix, model_endpoint(model_metadata))
-        app.router.add_get(prefix + "/ready", model_endpoint(model_ready))
-        app.router.add_post(prefix + "/infer", infer)
+
+def create_app(plane: dataplane.DataPlane, max_body: int) -> web.Application:
+    app = web.Application(client_max_size=max_body)
+    endpoints = Endpoints(plane, max_body)
+    app.router.add_get("/v2/health/live", endpoints.live)
+    app.router.add_get("/v2/health/ready", endpoints.ready)
+    app.router.add_get("/v2", endpoints.server_metadata)
+    app.router.add_get("/metrics", endpoints.metrics)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.router.add_get(prefix, endpoints.model_metadata)
+        app.router.add_get(prefix + "/ready", endpoints.model_ready)
+        app.router.add_post(prefix + "/infer", endpoints.infer)
     return app
 
 
-def _parse_infer(
-    body: bytes, header_length: str | None
-) -> tuple[dataplane.InferenceRequest, set[str], bool]:
-    """The request, the outputs wanted in binary, and whether binary is the default."""
+def _model(request: web.Request) -> tuple[str, str | None]:
+    return request.match_info["name"], request.match_info.get("version")
+
+
+def parse_infer(
+    plane: dataplane.DataPlane,
+    name: str,
+    version: str | None,
+    body: bytes,
+    header_length: str | None,
+) -> tuple[dataplane.InferenceRequest, tuple[set[str], bool]]:
+    """The checked request, the outputs wanted in binary, and whether binary is the default."""
+    plane.check_model(name, version)
     header, binary = body, b""
     if header_length is not None:
         try:
@@ -134,7 +133,7 @@ def _parse_infer(
             length = -1
         if not 0 <= length <= len(body):
             raise dataplane.InvalidInputError(
-                f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes"
+                f"{HEADER_LENGTH} is {header_length[:32]!r}, but the body has {len(body)} bytes"
             )
         header, binary = body[:length], body[length:]
     try:
@@ -146,31 +145,47 @@ def _parse_infer(
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise dataplane.InvalidInputError("request needs a non-empty 'inputs' list")
-    inputs = []
+    # Before looking at any of them: a body of a million inputs costs its parse, no more.
+    plane.check_input_count(name, version, len(raw_inputs))
+    given = []
     offset = 0
     view = memoryview(binary)
     for i, item in enumerate(raw_inputs):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise dataplane.InvalidInputError(f"inputs[{i}] must be an object with a 'name'")
-        name = item["name"]
+        input_name = item["name"]
         size = _parameters(item).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or offset + size > len(binary)
+            ):
                 raise dataplane.InvalidInputError(
-                    f"input {name!r}: binary_data_size {size!r} does not fit the "
-                    f"{len(binary)} bytes of binary data after the JSON header"
+                    f"input {input_name[:100]!r}: binary_data_size {str(size)[:32]} does not fit "
+                    f"the {len(binary)} bytes of binary data after the JSON header"
                 )
             data: Any = view[offset : offset + size]
             offset += size
         elif "data" in item:
             data = item["data"]
         else:
-            raise dataplane.InvalidInputError(f"input {name!r} has neither 'data' nor binary data")
-        inputs.append(dataplane.decode_tensor(name, item.get("datatype"), item.get("shape"), data))
+            raise dataplane.InvalidInputError(
+                f"input {input_name[:100]!r} has neither 'data' nor binary data"
+            )
+        given.append(
+            dataplane.WireTensor(input_name, item.get("datatype"), item.get("shape"), data)
+        )
+    if offset != len(binary):
+        raise dataplane.InvalidInputError(
+            f"{len(binary) - offset} bytes of binary data follow the last input's; "
+            "each input's parameters.binary_data_size must account for its bytes"
+        )
 
     all_binary = _parameters(document).get("binary_data_output") is True
     requested = document.get("outputs")
-    names: list[str] | None = None
+    names: list[Any] | None = None
     binary_outputs: set[str] = set()
     if requested is not None:
         if not isinstance(requested, list) or not all(
@@ -182,13 +197,10 @@ def _parse_infer(
             o["name"] for o in requested if _parameters(o).get("binary_data", all_binary) is True
         }
     request_id = document.get("id")
-    return (
-        dataplane.InferenceRequest(
-            inputs, names, request_id if isinstance(request_id, str) else None
-        ),
-        binary_outputs,
-        all_binary and names is None,
+    checked = plane.decode(
+        name, version, given, names, request_id if isinstance(request_id, str) else None
     )
+    return checked, (binary_outputs, all_binary and names is None)
 
 
 def _parameters(item: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,17 @@ SPECS: dict[str, dict[str, Any]] = {
         "quantization": "static-int8",
         "calibrationUri": "gs://b/calibration/samples.npz",
         "runtime": {"maxBatchSize": 64, "maxBatchDelayMs": 0, "maxQueueSize": 7, "threads": 3},
+    },
+    "gpu": {
+        "model": {"uri": "s3://models/resnet/model"},
+        "quantization": "fp16",
+        "runtime": {
+            "maxBatchSize": 16,
+            "batchSizes": [16, 1, 4],
+            "workers": 3,
+            "maxQueueBytes": 2**21,
+            "cudnnConvAlgoSearch": "HEURISTIC",
+        },
         "accelerator": {"count": 1},
     },
     "pvc": {"model": {"uri": "pvc://claim/dir/my%20model.onnx"}, "quantization": "dynamic-int8"},
@@ -71,6 +82,17 @@ def test_the_runtime_parses_the_pods_serving_container_into_the_specs_settings(
     assert settings.max_queue_size == spec.runtime.max_queue_size
     assert settings.threads == spec.runtime.threads
     assert settings.device.value == ("cuda" if spec.accelerator else "cpu")
+    assert settings.max_queue_bytes == spec.runtime.max_queue_bytes
+    assert settings.workers == spec.runtime.workers
+    assert settings.batch_sizes == (
+        tuple(sorted(set(spec.runtime.batch_sizes))) if spec.runtime.batch_sizes else None
+    )
+    if spec.accelerator:
+        assert settings.cudnn_conv_algo_search.value == spec.runtime.cudnn_conv_algo_search
+    grace = builders.deployment(OWNER, spec, "runtime:1")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    assert settings.drain_seconds == values.DRAIN_SECONDS < grace
     ports = {p["name"]: p["containerPort"] for p in serving["ports"]}
     assert (settings.http_port, settings.grpc_port) == (ports["http"], ports["grpc"])
     probes = [serving[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")]
@@ -175,8 +197,10 @@ def test_the_runtime_exports_the_metric_names_the_operator_reads() -> None:
 def test_every_flag_the_builders_emit_is_a_runtime_flag() -> None:
     parser_help = runtime_cli._parser().format_help()
     assert flags.FETCH in parser_help and flags.SERVE in parser_help
-    _, serving = _containers(SPECS["everything"])
-    emitted = [arg for arg in serving["args"] if arg.startswith("--")]
-    assert emitted == [flags.flag(f) for f in builders.serve_settings(
-        OWNER, api.ModelDeploymentSpec.model_validate(SPECS["everything"]), "/m", "/c"
-    )]  # fmt: skip
+    for case in SPECS:
+        _, serving = _containers(SPECS[case])
+        emitted = [arg for arg in serving["args"] if arg.startswith("--")]
+        spec = api.ModelDeploymentSpec.model_validate(SPECS[case])
+        settings = builders.serve_settings(OWNER, spec, "/m", "/c")
+        assert emitted == [flags.flag(f) for f in settings]
+        assert set(emitted) <= set(map(flags.flag, flags.SERVE_FLAGS))

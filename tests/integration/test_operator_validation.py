@@ -29,6 +29,27 @@ MODEL = {"uri": "s3://models/iris/3/model.onnx"}
         ({"model": MODEL, "quantization": "int4"}, "spec.quantization", "Unsupported value"),
         ({"model": MODEL, "replicas": -1}, "spec.replicas", "greater than or equal to 0"),
         ({}, "spec.model", "Required value"),
+        (
+            {"model": MODEL, "quantization": "dynamic-int8", "accelerator": {"count": 1}},
+            "spec.quantization",
+            "use quantization fp16 on a GPU",
+        ),
+        (
+            {
+                "model": MODEL,
+                "quantization": "static-int8",
+                "calibrationUri": "s3://m/c.npz",
+                "accelerator": {"count": 1},
+            },
+            "spec.quantization",
+            "TensorRT",
+        ),
+        ({"model": MODEL, "quantization": "fp16"}, "spec.quantization", "fp16 is for GPUs"),
+        (
+            {"model": MODEL, "runtime": {"maxBatchSize": 16, "batchSizes": [1, 8]}},
+            "spec.runtime.batchSizes",
+            "largest of batchSizes must equal maxBatchSize",
+        ),
     ],
 )
 def test_invalid_spec_is_rejected_naming_the_field(

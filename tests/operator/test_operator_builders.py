@@ -49,10 +49,36 @@ class TestDeployment:
         assert _arg(args, "--max-batch-delay-ms") == "2"
         assert _arg(args, "--threads") == "4"
         assert _arg(args, "--device") == "cpu"
+        assert _arg(args, "--workers") == "0"
+        # The grace period covers the runtime's drain delay and the time to finish.
+        assert _arg(args, "--drain-seconds") == "10"
+        assert pod["terminationGracePeriodSeconds"] >= 10 + 15
+        assert _arg(args, "--max-queue-bytes") == str(256 * 1024 * 1024)
+        # CPU pods run every batch size as it comes; only a GPU model searches cuDNN.
+        assert "--batch-sizes" not in args
+        assert "--cudnn-conv-algo-search" not in args
         assert {p["name"]: p["containerPort"] for p in serve["ports"]} == {
             "http": 8080,
             "grpc": 8081,
         }
+
+    def test_gpu_models_get_their_precision_batch_sizes_and_search_mode(self) -> None:
+        spec = _spec(
+            quantization="fp16",
+            accelerator={"count": 1},
+            runtime={
+                "maxBatchSize": 64,
+                "batchSizes": [64, 1, 8],
+                "workers": 6,
+                "cudnnConvAlgoSearch": "HEURISTIC",
+            },
+        )
+        args = _pod(spec)["spec"]["containers"][0]["args"]
+        assert _arg(args, "--quantization") == "fp16"
+        assert _arg(args, "--device") == "cuda"
+        assert _arg(args, "--batch-sizes") == "1,8,64"
+        assert _arg(args, "--workers") == "6"
+        assert _arg(args, "--cudnn-conv-algo-search") == "HEURISTIC"
 
     def test_static_int8_fetches_the_calibration_data(self) -> None:
         spec = _spec(quantization="static-int8", calibrationUri="gs://b/calib.npz")

@@ -66,6 +66,9 @@ def test_cross_field_rules_are_cel() -> None:
     assert "self.minReplicas <= self.maxReplicas" in rules
     assert "!(has(self.replicas) && has(self.autoscaling))" in rules
     assert any("static-int8" in rule for rule in rules)
+    assert "!has(self.accelerator) || self.quantization != 'dynamic-int8'" in rules
+    assert "!has(self.accelerator) || self.quantization != 'static-int8'" in rules
+    assert any("self.batchSizes.exists" in rule for rule in rules)
     assert any("{64}" in rule for rule in rules)
     assert any("s3|gs|pvc|file" in rule for rule in rules)
 

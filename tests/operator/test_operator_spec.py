@@ -47,6 +47,16 @@ def test_camel_case_names_round_trip() -> None:
         ({"disruptionBudget": {}}, "exactly one of minAvailable"),
         ({"quantization": "int4"}, "quantization"),
         ({"unknownField": 1}, "unknownField"),
+        ({"quantization": "dynamic-int8", "accelerator": {}}, "6-8x slower.*use quantization fp16"),
+        (
+            {"quantization": "static-int8", "calibrationUri": "gs://b/c.npz", "accelerator": {}},
+            "TensorRT",
+        ),
+        ({"quantization": "fp16"}, "fp16 is for GPUs"),
+        ({"runtime": {"maxBatchSize": 16, "batchSizes": [1, 8]}}, "largest of batchSizes"),
+        ({"runtime": {"maxBatchSize": 8, "batchSizes": [1, 16]}}, "largest of batchSizes"),
+        ({"runtime": {"batchSizes": [0, 32]}}, "greater than or equal to 1"),
+        ({"runtime": {"workers": -1}}, "workers"),
     ],
 )
 def test_invalid_specs_are_rejected_with_the_field(fields: dict[str, Any], needle: str) -> None:
@@ -60,3 +70,14 @@ def test_invalid_specs_are_rejected_with_the_field(fields: dict[str, Any], needl
 )
 def test_every_supported_scheme_is_accepted(uri: str) -> None:
     assert _spec(model={"uri": uri, "sha256": SHA.upper()}).model.uri == uri
+
+
+def test_fp16_on_a_gpu_and_batch_sizes_ending_at_the_max_are_accepted() -> None:
+    spec = _spec(
+        quantization="fp16",
+        accelerator={"count": 1},
+        runtime={"maxBatchSize": 64, "batchSizes": [1, 8, 64], "workers": 4},
+    )
+    assert spec.quantization == "fp16"
+    assert spec.runtime.batch_sizes == [1, 8, 64]
+    assert spec.runtime.cudnn_conv_algo_search == "EXHAUSTIVE"

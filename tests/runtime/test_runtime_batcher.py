@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,13 +45,16 @@ def double(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [inputs["x"] * 2]
 
 
-def make_batcher(predict: batching.Predict, **options: float) -> batching.Batcher:
+def make_batcher(
+    predict: batching.Predict, sizes: Sequence[int] | None = None, **options: float
+) -> batching.Batcher:
     values = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue_size": 64} | options
     return batching.Batcher(
-        predict,
-        max_batch_size=int(values["max_batch_size"]),
+        batching.FunctionRunner(predict),
+        sizes=sizes or range(1, int(values["max_batch_size"]) + 1),
         max_delay_s=values["max_delay_s"],
         max_queue_size=int(values["max_queue_size"]),
+        max_queue_bytes=int(values["max_queue_bytes"]) if "max_queue_bytes" in values else None,
         stats=metrics.ModelMetrics("test"),
     )
 
@@ -98,7 +103,7 @@ def test_incompatible_shapes_run_in_separate_batches() -> None:
     assert sorted(shapes) == [(1, 3), (2, 2)]
 
 
-def test_a_failed_batch_fails_every_request_in_it() -> None:
+def test_a_broken_model_fails_every_request_with_its_own_error() -> None:
     def broken(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         raise RuntimeError("the accelerator caught fire")
 
@@ -129,10 +134,13 @@ def test_a_full_queue_rejects_and_the_event_loop_keeps_running() -> None:
         x = {"x": np.zeros((1, 2), np.float32)}
         running = asyncio.ensure_future(batcher.submit(x, 1))
         await asyncio.sleep(0.05)  # the first request is now inside predict
-        queued = [asyncio.ensure_future(batcher.submit(x, 1)) for _ in range(2)]
+        # One more batch waits, merged, for the inference thread; two stay queued.
+        queued = [asyncio.ensure_future(batcher.submit(x, 1))]
+        await asyncio.sleep(0.05)
+        queued += [batcher.enqueue(x, 1) for _ in range(2)]
         await asyncio.sleep(0.01)  # the loop is free while inference blocks its thread
         with pytest.raises(batching.QueueFullError, match="queue is full"):
-            await batcher.submit(x, 1)
+            batcher.enqueue(x, 1)
         release.set()
         await asyncio.gather(running, *queued)
         await batcher.stop()
@@ -150,3 +158,141 @@ def test_stop_finishes_queued_requests() -> None:
         assert (await pending)[0].tolist() == [[2, 2]]
 
     asyncio.run(scenario())
+
+
+def test_the_queue_is_bounded_in_bytes() -> None:
+    release = threading.Event()
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        release.wait(5)
+        return double(inputs)
+
+    async def scenario() -> None:
+        batcher = make_batcher(slow, max_batch_size=1, max_delay_s=0, max_queue_bytes=4096)
+        batcher.start()
+        small = {"x": np.zeros((1, 256), np.float32)}  # 1 KiB
+        running = [asyncio.ensure_future(batcher.submit(small, 1))]
+        await asyncio.sleep(0.05)
+        running.append(asyncio.ensure_future(batcher.submit(small, 1)))
+        await asyncio.sleep(0.05)  # one runs, one waits merged: neither is queued
+        queued = [batcher.enqueue(small, 1) for _ in range(4)]
+        with pytest.raises(batching.QueueFullError, match="4096 bytes"):
+            batcher.enqueue(small, 1)
+        release.set()
+        await asyncio.gather(*running, *queued)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_batches_are_padded_to_the_given_sizes_and_padding_never_reaches_a_client() -> None:
+    seen: list[int] = []
+
+    def record(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        seen.append(len(inputs["x"]))
+        return double(inputs)
+
+    async def scenario() -> None:
+        batcher = make_batcher(record, sizes=[1, 4, 8], max_delay_s=0.02)
+        batcher.start()
+        requests = [np.full((1 + i % 3, 2), i + 1, np.float32) for i in range(13)]
+        results = await asyncio.gather(*(batcher.submit({"x": r}, len(r)) for r in requests))
+        for request, result in zip(requests, results, strict=True):
+            assert result[0].shape == request.shape
+            np.testing.assert_array_equal(result[0], request * 2)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert set(seen) <= {1, 4, 8}
+    assert len(seen) < 13
+
+
+def test_a_request_larger_than_the_largest_size_is_refused() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(double, sizes=[1, 2, 4])
+        batcher.start()
+        with pytest.raises(ValueError, match="larger than the largest batch size 4"):
+            await batcher.submit({"x": np.zeros((5, 2), np.float32)}, 5)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_one_bad_request_fails_alone_and_the_others_get_their_answers() -> None:
+    def picky(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if (inputs["x"] < 0).any():
+            raise RuntimeError(f"negative input in rows {np.flatnonzero(inputs['x'][:, 0] < 0)}")
+        return double(inputs)
+
+    async def scenario() -> list[Any]:
+        batcher = make_batcher(picky, max_delay_s=0.05)
+        batcher.start()
+        requests = [np.full((1, 2), -1.0 if i == 5 else i, np.float32) for i in range(8)]
+        results = await asyncio.gather(
+            *(batcher.submit({"x": r}, 1) for r in requests), return_exceptions=True
+        )
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[5], RuntimeError)
+    # The error is the request's own: it ran alone, so its rows are [0].
+    assert str(results[5]) == "negative input in rows [0]"
+    for i, result in enumerate(results):
+        if i != 5:
+            np.testing.assert_array_equal(result[0], np.full((1, 2), 2 * i, np.float32))
+
+
+class _TracingRunner:
+    """Records when each stage starts and ends, and on which thread."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, float, str]] = []
+
+    def prepare(self, requests: Sequence[batching.Inputs], rows: int, padded: int) -> Any:
+        merged = batching.merge(requests, padded)
+        first = int(merged["x"][0, 0])
+        self.events.append(("prepare", first, time.monotonic(), threading.current_thread().name))
+        return merged
+
+    def run(self, prepared: batching.Inputs) -> list[np.ndarray]:
+        first = int(prepared["x"][0, 0])
+        self.events.append(("run-start", first, time.monotonic(), threading.current_thread().name))
+        time.sleep(0.1)
+        self.events.append(("run-end", first, time.monotonic(), threading.current_thread().name))
+        return double(prepared)
+
+    def run_once(self, inputs: batching.Inputs) -> list[np.ndarray]:
+        return double(inputs)
+
+
+def test_the_next_batch_is_merged_off_the_loop_while_the_current_one_runs() -> None:
+    tracer = _TracingRunner()
+
+    async def scenario() -> None:
+        batcher = batching.Batcher(
+            tracer,
+            sizes=[1, 2, 4],
+            max_delay_s=0,
+            max_queue_size=64,
+            stats=metrics.ModelMetrics("test"),
+        )
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit({"x": np.full((1, 2), 1, np.float32)}, 1))
+        await asyncio.sleep(0.02)  # batch 1 is running
+        later = [
+            asyncio.ensure_future(batcher.submit({"x": np.full((1, 2), i, np.float32)}, 1))
+            for i in (2, 3)
+        ]
+        await asyncio.gather(first, *later)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    times = {(kind, first): at for kind, first, at, _ in tracer.events}
+    # Batch 2 (requests 2 and 3) was merged while batch 1 was still running ...
+    assert times["run-start", 1] < times["prepare", 2] < times["run-end", 1]
+    # ... and started as soon as batch 1 ended.
+    assert times["run-start", 2] - times["run-end", 1] < 0.05
+    threads = {kind: name for kind, _, _, name in tracer.events}
+    assert threads["prepare"].startswith("merge")
+    assert threads["run-start"].startswith("inference")

@@ -156,7 +156,7 @@ BAD_REQUESTS = {
         ),
         {},
         400,
-        "datatype 'FP8' is not supported",
+        "input 'x': datatype FP8, but the model expects FP32",
     ),
     "data-count": (
         json.dumps(
@@ -167,7 +167,9 @@ BAD_REQUESTS = {
         "7 values of data, but shape [1, 8] needs 8",
     ),
     "not-numbers": (
-        json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": ["a"]}]}),
+        json.dumps(
+            {"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": ["a"] * 8}]}
+        ),
         {},
         400,
         "input 'x': data is not a list of FP32 values",

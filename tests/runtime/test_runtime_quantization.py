@@ -1,4 +1,4 @@
-"""INT8 quantization at load: close outputs, measured accuracy, and a reused cache."""
+"""INT8 and FP16 at load: close outputs, measured accuracy, and a reused cache."""
 
 from __future__ import annotations
 
@@ -38,13 +38,18 @@ def calibration(tmp_path: Path) -> Path:
 
 
 def load(path: Path) -> model.OnnxModel:
-    loaded = model.OnnxModel(path, threads=1, device=settings.Device.CPU)
+    loaded = model.OnnxModel(path, model.SessionConfig(threads=1, device=settings.Device.CPU))
     loaded.load()
     return loaded
 
 
 @pytest.mark.parametrize(
-    "mode", [settings.Quantization.DYNAMIC_INT8, settings.Quantization.STATIC_INT8]
+    "mode",
+    [
+        settings.Quantization.DYNAMIC_INT8,
+        settings.Quantization.STATIC_INT8,
+        settings.Quantization.FP16,
+    ],
 )
 def test_quantized_model_stays_close_to_fp32(
     heavy_copy: Path, calibration: Path, tmp_path: Path, mode: settings.Quantization
@@ -62,6 +67,13 @@ def test_quantized_model_stays_close_to_fp32(
     ops = {node.op_type for node in onnx.load(quantized_path).graph.node}
     if mode is settings.Quantization.STATIC_INT8:
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    elif mode is settings.Quantization.FP16:
+        converted = onnx.load(quantized_path)
+        weights = {t.data_type for t in converted.graph.initializer}
+        assert weights == {onnx.TensorProto.FLOAT16}
+        # Clients see no change: the graph still takes and returns FP32.
+        assert converted.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert converted.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     else:
         assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
     held_out = {"x": examples(32, features=HEAVY_FEATURES, seed=7)}
@@ -146,3 +158,18 @@ def test_served_quantized_model_exports_accuracy_and_reuses_its_cache(
         pass
     assert "reusing quantized model" in caplog.text
     assert "quantizing" not in caplog.text
+
+
+def test_served_fp16_model_exports_its_accuracy(heavy_copy: Path) -> None:
+    with running_server(
+        model_path=heavy_copy, model_name="heavy", quantization=settings.Quantization.FP16
+    ) as runtime:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{runtime.http_port}")
+        tensor = httpclient.InferInput("x", [3, HEAVY_FEATURES], "FP32")
+        tensor.set_data_from_numpy(examples(3, features=HEAVY_FEATURES))
+        result = client.infer("heavy", [tensor]).as_numpy("probabilities")
+        assert result.dtype == np.float32 and result.shape == (3, 10)
+        text = runtime.stats.exposition().decode()
+    assert metric_value(text, "modeldeploy_quantization_top1_agreement", model="heavy") >= 0.95
+    assert metric_value(text, "modeldeploy_quantization_max_abs_error", model="heavy") < 0.01
+    assert metric_value(text, "modeldeploy_model_info", quantization="fp16") == 1
