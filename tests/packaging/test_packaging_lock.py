@@ -37,9 +37,8 @@ def _pinned(lock: Path) -> dict[str, list[str]]:
 def test_every_dependency_is_pinned_with_hashes(extra: str) -> None:
     pinned = _pinned(REPOSITORY / "requirements" / LOCKS[extra])
     extras = PROJECT["optional-dependencies"]
-    wanted = {
-        _name(r) for r in PROJECT["dependencies"] + sum((extras[e] for e in EXTRAS[extra]), [])
-    }
+    requirements = [*PROJECT["dependencies"], *(r for e in EXTRAS[extra] for r in extras[e])]
+    wanted = {_name(r) for r in requirements}
     missing = sorted(wanted - set(pinned))
     assert not missing, f"requirements/{LOCKS[extra]} is stale (run `make lock`): {missing}"
     assert all(pinned.values()), "an entry without hashes"
