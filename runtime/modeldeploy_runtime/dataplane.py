@@ -263,24 +263,8 @@ def _check_headers(
                 f"input {spec.name!r}: datatype {str(shown)[:32]}, but the model expects "
                 f"{spec.datatype}"
             )
-        shape = tensor.shape
-        if (
-            not isinstance(shape, list | tuple)
-            or len(shape) != len(spec.shape)
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-        ):
-            raise InvalidInputError(
-                f"input {spec.name!r}: shape must be a list of {len(spec.shape)} integers "
-                f"(the model's is {list(spec.shape)}, -1 is any size)"
-            )
-        if any(d < 0 or d > MAX_DIM for d in shape) or any(
-            want >= 0 and got != want for got, want in zip(shape, spec.shape, strict=True)
-        ):
-            raise InvalidInputError(
-                f"input {spec.name!r}: shape {list(shape)} does not match the model's "
-                f"{list(spec.shape)} (-1 is any size)"
-            )
-        checked.append((tensor, spec, tuple(shape)))
+        shape = _checked_shape(spec, tensor.shape)
+        checked.append((tensor, spec, shape))
     missing = sorted(specs.keys() - seen)
     if missing:
         raise InvalidInputError(f"missing input(s) {missing}; the model needs {sorted(specs)}")
@@ -299,6 +283,26 @@ def _check_headers(
                 f"{served.max_batch_size}; split the request"
             )
     return checked
+
+
+def _checked_shape(spec: tensors.TensorSpec, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list | tuple) or len(shape) != len(spec.shape):
+        raise InvalidInputError(
+            f"input {spec.name!r}: shape must be a list of {len(spec.shape)} integers "
+            f"(the model's is {list(spec.shape)}, -1 is any size)"
+        )
+    for got, want in zip(shape, spec.shape, strict=True):
+        if type(got) is not int:  # bool is an int subclass, and no dimension
+            raise InvalidInputError(
+                f"input {spec.name!r}: shape must be a list of {len(spec.shape)} integers "
+                f"(the model's is {list(spec.shape)}, -1 is any size)"
+            )
+        if got < 0 or got > MAX_DIM or (want >= 0 and got != want):
+            raise InvalidInputError(
+                f"input {spec.name!r}: shape {list(shape)} does not match the model's "
+                f"{list(spec.shape)} (-1 is any size)"
+            )
+    return tuple(shape)
 
 
 def _decode(tensor: WireTensor, spec: tensors.TensorSpec, shape: tuple[int, ...]) -> tensors.Array:

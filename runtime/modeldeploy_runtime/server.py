@@ -112,6 +112,7 @@ class _Backend:
             max_queue_size=config.max_queue_size,
             max_queue_bytes=config.max_queue_bytes if bound_bytes else None,
             stats=self.stats,
+            pipelined=served.device_used == "cuda",
         )
         self.batcher.start()
         return self.batcher
