@@ -12,7 +12,7 @@ got.  ``--baseline`` runs the same floods against the runtime of another checkou
 
 Floods:
 - ``many-inputs``: 11 MB of JSON holding 200,000 tiny inputs, to any model name;
-- ``big-json``: a valid 8 x 600,000 FP32 tensor as a JSON list (about 40 MB);
+- ``big-json``: a valid 8 x 600,000 FP32 tensor as a JSON list (about 35 MB);
 - ``big-binary``: the same tensor with the binary tensor extension (19 MB);
 - ``bad-shape``: a binary body whose declared shape overflows (``[0, 2**63]``).
 """
@@ -93,7 +93,9 @@ def floods() -> dict[str, tuple[bytes, dict[str, str]]]:
             {},
         ),
         "big-json": (
-            json.dumps({"inputs": [tensor | {"data": rows.round(3).ravel().tolist()}]}).encode(),
+            json.dumps(
+                {"inputs": [tensor | {"data": rows.astype(np.float64).round(3).ravel().tolist()}]}
+            ).encode(),
             {},
         ),
         "big-binary": (binary_header + rows.tobytes(), {HEADER: str(len(binary_header))}),

@@ -84,8 +84,13 @@ class Endpoints:
         try:
             response, (binary_outputs, all_binary) = await plane.handle(
                 metrics.Protocol.HTTP,
-                lambda: parse_infer(plane, name, version, body, header_length),
-                offload=len(body) > dataplane.OFFLOAD_BYTES,
+                parse_infer,
+                name,
+                version,
+                body,
+                header_length,
+                # Binary tensors decode in place, for free; only JSON costs.
+                offload=_json_bytes(body, header_length) > dataplane.OFFLOAD_BYTES,
             )
         except dataplane.InferenceError as error:
             return _error(_STATUS[type(error)], str(error))
@@ -112,12 +117,18 @@ def create_app(plane: dataplane.DataPlane, max_body: int) -> web.Application:
     return app
 
 
+def _json_bytes(body: bytes, header_length: str | None) -> int:
+    if header_length is not None and header_length.isdigit():
+        return min(int(header_length), len(body))
+    return len(body)
+
+
 def _model(request: web.Request) -> tuple[str, str | None]:
     return request.match_info["name"], request.match_info.get("version")
 
 
 def parse_infer(
-    plane: dataplane.DataPlane,
+    plane: dataplane.Decoder,
     name: str,
     version: str | None,
     body: bytes,

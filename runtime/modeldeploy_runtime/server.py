@@ -161,6 +161,7 @@ class Server:
     async def stop(self) -> None:
         was_ready, self.plane.ready = self.plane.ready, False
         await self._frontend.stop(drain=was_ready)
+        self.plane.close()
         await self._backend.stop()
         logger.info("stopped")
 
