@@ -5,11 +5,15 @@ waits on its own future.  A batch is formed when it holds the largest batch size
 of examples or when its oldest request has waited ``max_delay``, and it is padded up to
 the next of a small set of sizes, so the session only ever sees those shapes.
 
-Execution is a two-stage pipeline: one thread merges (copies the requests into reused
-buffers, and on a GPU onto the device) while another runs the previous batch.  At most
-one batch waits between the stages; the rest keep queueing, so under load batches grow
-without any added delay.  When a merged batch fails, its requests are re-run in halves,
-so only the requests that fail on their own get an error, and only their own.
+On a GPU execution is a two-stage pipeline: one thread merges (copies the requests into
+reused buffers and onto the device) while another runs the previous batch; at most one
+batch waits between the stages.  On CPU the model's threads already use every core, so a
+batch is merged and run in one go by the inference thread (one thread hop per batch, which
+measured faster there), and the next batch forms when it is done.  Either way the rest
+keep queueing, so under load batches grow without any added delay.
+
+When a merged batch fails, its requests are re-run in halves, so only the requests that
+fail on their own get an error, and only their own.
 """
 
 from __future__ import annotations
@@ -129,6 +133,7 @@ class Batcher:
         max_queue_size: int,
         stats: metrics.ModelMetrics,
         max_queue_bytes: int | None = None,
+        pipelined: bool = True,
     ) -> None:
         self._runner = runner
         self.sizes = tuple(sorted(set(sizes)))
@@ -140,7 +145,9 @@ class Batcher:
         self._pending: collections.deque[_Request] = collections.deque()
         self._pending_examples = 0
         self._pending_bytes = 0
-        # Batches formed and not yet running: at most one, so the rest keep growing.
+        self._pipelined = pipelined
+        # Batches formed and not yet running (pipelined) or not yet done: at most one, so
+        # the rest keep growing.
         self._waiting = 0
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -249,6 +256,15 @@ class Batcher:
         rows = sum(r.size for r in batch)
         padded = padded_size(self.sizes, rows)
         inputs = [r.inputs for r in batch]
+        if not self._pipelined:
+            try:
+                results = await loop.run_in_executor(
+                    self._run_pool, self._prepare_and_run, batch, inputs, rows, padded
+                )
+            finally:
+                self._started()
+            self._finish(batch, results)
+            return
         try:
             prepared = await loop.run_in_executor(
                 self._prepare_pool, self._runner.prepare, inputs, rows, padded
@@ -264,10 +280,20 @@ class Batcher:
         self._waiting -= 1
         self._wake.set()
 
+    def _prepare_and_run(
+        self, batch: list[_Request], inputs: list[Inputs], rows: int, padded: int
+    ) -> list[Result]:
+        try:
+            prepared = self._runner.prepare(inputs, rows, padded)
+        except Exception as error:
+            return [error] * len(batch)
+        return self._run(batch, prepared)
+
     def _run(self, batch: list[_Request], prepared: Any) -> list[Result]:
         """In the inference thread: run the batch, or its halves if it fails."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._started)
+        if self._pipelined:
+            self._loop.call_soon_threadsafe(self._started)
         started = time.monotonic()
         for request in batch:
             self._stats.queue_duration.observe(started - request.enqueued)

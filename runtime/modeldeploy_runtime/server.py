@@ -112,6 +112,7 @@ class _Backend:
             max_queue_size=config.max_queue_size,
             max_queue_bytes=config.max_queue_bytes if bound_bytes else None,
             stats=self.stats,
+            pipelined=served.device_used == "cuda",
         )
         self.batcher.start()
         return self.batcher
@@ -160,6 +161,7 @@ class Server:
     async def stop(self) -> None:
         was_ready, self.plane.ready = self.plane.ready, False
         await self._frontend.stop(drain=was_ready)
+        self.plane.close()
         await self._backend.stop()
         logger.info("stopped")
 

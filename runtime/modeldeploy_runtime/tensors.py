@@ -7,6 +7,7 @@ without loading it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +49,7 @@ class Signature:
     # The batch sizes the session runs at; the largest bounds a request's first dim.
     sizes: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def batchable(self) -> bool:
         """Requests can be merged when every input and output has a dynamic first dim."""
         return all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs))

@@ -55,6 +55,7 @@ async def _run(config: settings.ServeSettings, sock: socket.socket, arena: ipc.A
     await stopping.wait()
     was_ready, plane.ready = plane.ready, False
     await listeners.stop(drain=was_ready)
+    plane.close()
     listener.cancel()
     channel.close()
 

@@ -46,7 +46,10 @@ def double(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def make_batcher(
-    predict: batching.Predict, sizes: Sequence[int] | None = None, **options: float
+    predict: batching.Predict,
+    sizes: Sequence[int] | None = None,
+    pipelined: bool = True,
+    **options: float,
 ) -> batching.Batcher:
     values = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue_size": 64} | options
     return batching.Batcher(
@@ -56,10 +59,12 @@ def make_batcher(
         max_queue_size=int(values["max_queue_size"]),
         max_queue_bytes=int(values["max_queue_bytes"]) if "max_queue_bytes" in values else None,
         stats=metrics.ModelMetrics("test"),
+        pipelined=pipelined,
     )
 
 
-def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_concurrent_requests_share_batches_and_get_their_own_rows(pipelined: bool) -> None:
     sizes: list[int] = []
 
     def record(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -67,7 +72,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
         return double(inputs)
 
     async def scenario() -> list[list[np.ndarray]]:
-        batcher = make_batcher(record)
+        batcher = make_batcher(record, pipelined=pipelined)
         batcher.start()
         requests = [np.full((1 + i % 2, 2), i, np.float32) for i in range(10)]
         results = await asyncio.gather(*(batcher.submit({"x": r}, len(r)) for r in requests))
@@ -218,14 +223,15 @@ def test_a_request_larger_than_the_largest_size_is_refused() -> None:
     asyncio.run(scenario())
 
 
-def test_one_bad_request_fails_alone_and_the_others_get_their_answers() -> None:
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_one_bad_request_fails_alone_and_the_others_get_their_answers(pipelined: bool) -> None:
     def picky(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if (inputs["x"] < 0).any():
             raise RuntimeError(f"negative input in rows {np.flatnonzero(inputs['x'][:, 0] < 0)}")
         return double(inputs)
 
     async def scenario() -> list[Any]:
-        batcher = make_batcher(picky, max_delay_s=0.05)
+        batcher = make_batcher(picky, pipelined=pipelined, max_delay_s=0.05)
         batcher.start()
         requests = [np.full((1, 2), -1.0 if i == 5 else i, np.float32) for i in range(8)]
         results = await asyncio.gather(
