@@ -270,7 +270,8 @@ def _direct_deployment_answers(venv: Path, env: dict[str, str], work: Path) -> N
         ),
         (
             "runtime",
-            ["kopf", "kubernetes", "modeldeploy_dev", "cryptography", "pytest"],
+            # (cryptography is here: the cloud storage clients need it.)
+            ["kopf", "kubernetes", "modeldeploy_dev", "pytest"],
             "modeldeploy_runtime.server",
         ),
     ],
