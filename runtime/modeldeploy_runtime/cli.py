@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--uri", help="https://, http://, s3://, gs://, pvc://<claim>/<path>, file://")
     get.add_argument("--sha256", help="expected hex digest; a mismatch exits non-zero")
     get.add_argument("--dest", metavar="DIR", help="directory to write the model into")
+    get.add_argument("--max-bytes", type=int, help="fail when the file is larger than this")
 
     run = commands.add_parser("serve", help="serve a model over HTTP and gRPC")
     run.add_argument("--model-path", metavar="P", help="the .onnx file")
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fetch_config.dest,
                 fetch_config.sha256,
                 pvc_root=fetch_config.pvc_root,
+                max_bytes=fetch_config.max_bytes,
             )
             print(path)
             return 0

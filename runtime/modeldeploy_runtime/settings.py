@@ -148,6 +148,8 @@ class FetchSettings(BaseSettings):
     uri: str = pydantic.Field(min_length=1)
     sha256: str | None = pydantic.Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     dest: Path
+    # The download stops (and fails) past this many bytes.
+    max_bytes: int | None = pydantic.Field(default=None, ge=1)
     # pvc://<claim>/<path> is read from <pvc_root>/<claim>/<path>: the Deployment
     # mounts each claim there read-only.
     pvc_root: Path = Path("/mnt/pvc")
