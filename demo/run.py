@@ -145,8 +145,15 @@ def up(traffic_seconds: float) -> None:
             "replicas": 2,
         },
     }
-    # A namespace left terminating by an earlier `--down` refuses new objects.
-    localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
+    # A namespace left terminating by an earlier `--down` refuses new objects; one left by an
+    # earlier `make demo` is simply reused.
+    terminating = localcluster.kubectl(
+        "get", "namespace", NAMESPACE, "--ignore-not-found",
+        "-o", "jsonpath={.metadata.deletionTimestamp}",
+    )  # fmt: skip
+    if terminating.strip():
+        step(f"waiting for the namespace {NAMESPACE} left by an earlier run to go")
+        localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
     localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
     step(f"applying ModelDeployment {NAMESPACE}/{NAME} (model sha256 {digest[:12]}...)")
     localcluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))

@@ -17,6 +17,7 @@ ENV_PREFIX = "MODELDEPLOY_"
 URI = "uri"
 SHA256 = "sha256"
 DEST = "dest"
+MAX_BYTES = "max_bytes"
 PVC_ROOT = "pvc_root"  # environment only
 
 # serve
@@ -42,7 +43,7 @@ HOST = "host"
 CACHE_DIR = "cache_dir"
 MAX_REQUEST_BYTES = "max_request_bytes"
 
-FETCH_FLAGS = (URI, SHA256, DEST)
+FETCH_FLAGS = (URI, SHA256, DEST, MAX_BYTES)
 SERVE_FLAGS = (
     MODEL_PATH,
     MODEL_NAME,

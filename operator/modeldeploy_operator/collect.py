@@ -22,6 +22,9 @@ from modeldeploy_operator import spec as api
 logger = logging.getLogger(__name__)
 
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
+# A runtime pod's exposition is a few KiB; the image is the tenant's choice, so a page past
+# this is refused rather than read (the operator's memory is every tenant's).
+MAX_EXPOSITION_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,10 @@ def ready_pod_urls(pods: Iterable[Mapping[str, Any]], port: int) -> dict[str, st
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in status.get("conditions", [])
         )
-        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            urls[pod["metadata"]["name"]] = f"http://{status['podIP']}:{port}/metrics"
+        address = status.get("podIP")
+        if ready and address and not pod["metadata"].get("deletionTimestamp"):
+            host = f"[{address}]" if ":" in address else address  # IPv6 goes in brackets
+            urls[pod["metadata"]["name"]] = f"http://{host}:{port}/metrics"
     return urls
 
 
@@ -61,9 +66,15 @@ class DirectSource:
             try:
                 async with self._session.get(url) as response:
                     response.raise_for_status()
-                    return telemetry.parse(await response.text(), model)
-            except (aiohttp.ClientError, TimeoutError) as error:
-                # A pod that just became unready or is shutting down; the others still count.
+                    body = await response.content.read(MAX_EXPOSITION_BYTES + 1)
+                    while len(body) <= MAX_EXPOSITION_BYTES and not response.content.at_eof():
+                        body += await response.content.read(MAX_EXPOSITION_BYTES + 1 - len(body))
+                    if len(body) > MAX_EXPOSITION_BYTES:
+                        raise ValueError(f"exposition larger than {MAX_EXPOSITION_BYTES} bytes")
+                    return telemetry.parse(body.decode(errors="replace"), model)
+            except Exception as error:
+                # A pod that just became unready, is shutting down, or serves something that
+                # is not our exposition: it is left out, and the others still count.
                 opmetrics.METRICS_COLLECTIONS.labels("direct", "error").inc()
                 logger.debug("scraping %s: %s", url, error)
                 return None

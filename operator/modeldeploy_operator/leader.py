@@ -76,18 +76,31 @@ class Elector:
         return self._renewed_at is not None
 
     def try_acquire_or_renew(self, timeout: float) -> bool:
-        """One attempt (each request limited to `timeout`); True if this process now leads."""
+        """One attempt, its requests all within `timeout`; True if this process now leads.
+
+        As client-go: the time a change of the Lease is observed is when the read returns
+        (a slow read must not make a holder look older than it is), and a renewal's read and
+        write share one deadline, so a leader never renews past its renew deadline.
+        """
         started = self._clock()
+        deadline = started + timeout
+
+        def left() -> float:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise TimeoutError(f"no time left of the attempt's {timeout:.1f} s")
+            return remaining
+
         try:
-            lease = self._api.get_lease(self.namespace, self.name, timeout=timeout)
+            lease = self._api.get_lease(self.namespace, self.name, timeout=left())
             if lease is not None:
-                self._observe(lease, started)
-                if not self._may_take(started):
+                self._observe(lease, self._clock())
+                if not self._may_take(self._clock()):
                     return False
             written = (
-                self._api.replace_lease(self._taken(lease), timeout=timeout)
+                self._api.replace_lease(self._taken(lease), timeout=left())
                 if lease is not None
-                else self._api.create_lease(self._taken(None), timeout=timeout)
+                else self._api.create_lease(self._taken(None), timeout=left())
             )
         except kube.ApiError as error:
             if error.status != 409:  # 409: another replica wrote first
@@ -96,7 +109,8 @@ class Elector:
         except Exception as error:  # any failure is a failed attempt, retried
             logger.warning("Lease %s/%s: %s", self.namespace, self.name, error)
             return False
-        self._observe(written, started)
+        self._observe(written, self._clock())
+        # The lead is counted from before the read: a leader's view errs on the short side.
         self._renewed_at = started
         return True
 

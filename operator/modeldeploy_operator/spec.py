@@ -133,6 +133,13 @@ class ModelSource(_Model):
         pattern=values.MODEL_NAME_PATTERN,
         description="Name under /v2/models/<name>; defaults to metadata.name.",
     )
+    max_size_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**40,
+        description="Largest model file accepted: the download stops past it, and it sizes the "
+        "pod's model volume (sizeLimit).",
+    )
 
     _uri = field_validator("uri")(_check_uri)
 
@@ -378,6 +385,15 @@ class ModelDeploymentSpec(_Model):
         description="Sample inputs (.npz) for static-int8 calibration; same schemes as model.uri.",
         json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
     )
+    calibration_sha256: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Expected SHA-256 of the calibration file; a mismatch means the model is "
+        "never served.",
+        json_schema_extra=_validations(
+            _cel(f"self.matches('{_SHA256_PATTERN}')", "must be 64 hexadecimal digits")
+        ),
+    )
     runtime: RuntimeSettings = Field(
         default=RuntimeSettings(), description="Runtime image and batching settings."
     )
@@ -415,6 +431,13 @@ class ModelDeploymentSpec(_Model):
     )
 
     _calibration_uri = field_validator("calibration_uri")(_check_uri)
+
+    @field_validator("calibration_sha256")
+    @classmethod
+    def _calibration_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(_SHA256_PATTERN, value):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value
 
     @model_validator(mode="after")
     def _cross_field(self) -> ModelDeploymentSpec:

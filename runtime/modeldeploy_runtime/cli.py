@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument(
         flags.flag(flags.DEST), metavar="DIR", help="directory to write the model into"
     )
+    get.add_argument(
+        flags.flag(flags.MAX_BYTES), type=int, help="fail when the file is larger than this"
+    )
 
     run = commands.add_parser(flags.SERVE, help="serve a model over HTTP and gRPC")
     run.add_argument(flags.flag(flags.MODEL_PATH), metavar="P", help="the .onnx file")
@@ -112,7 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse(sys.argv[1:] if argv is None else argv)
         if isinstance(config, settings.FetchSettings):
-            path = fetch.fetch(config.uri, config.dest, config.sha256, pvc_root=config.pvc_root)
+            path = fetch.fetch(
+                config.uri,
+                config.dest,
+                config.sha256,
+                pvc_root=config.pvc_root,
+                max_bytes=config.max_bytes,
+            )
             print(path)
             return 0
     except pydantic.ValidationError as error:

@@ -10,11 +10,20 @@ otherwise) and ``file://``.
 The bytes go to a temporary file in the destination directory while being hashed;
 only a file whose sha256 matches is renamed into place, so a reader never sees a
 partial or unverified model.  Transient failures (connection errors, 5xx, 429) are
-retried with exponential backoff; a wrong digest is not.
+retried with exponential backoff; a wrong digest, a download past ``max_bytes`` and a
+full disk are not.
+
+What a URI may carry in secret (``user:password@``, a presigned query) never reaches a
+log line or an error message: ``redacted`` is what is shown, and every error leaving
+``fetch`` is scrubbed of the secret parts, whatever library raised it.  An https
+download never follows a redirect to http.  ``pvc://`` and ``file://`` paths stay
+inside their root: ``..`` segments and symlinks that lead out are refused.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import hashlib
 import logging
 import os
@@ -24,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
@@ -47,19 +56,63 @@ class _TransientError(Exception):
     """A failure worth another attempt."""
 
 
+class _RefusedRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but never from https to plain http."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if req.full_url.startswith("https:") and not newurl.lower().startswith("https:"):
+            raise FetchError(
+                f"{redacted(req.full_url)} redirected to {redacted(newurl)}: a redirect from "
+                "https to http is refused"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_RefusedRedirect)
+
+
 class _Sink:
     """Writes chunks to the temporary file, hashing them and logging progress."""
 
-    def __init__(self, stream: IO[bytes], uri: str) -> None:
+    def __init__(self, stream: IO[bytes], uri: str, max_bytes: int | None) -> None:
         self._stream = stream
         self._uri = uri
+        self._max_bytes = max_bytes
         self.digest = hashlib.sha256()
         self.written = 0
-        self.total: int | None = None
+        self._total: int | None = None
         self._last_log = time.monotonic()
 
+    @property
+    def total(self) -> int | None:
+        return self._total
+
+    @total.setter
+    def total(self, value: int | None) -> None:
+        self._total = value
+        if value is not None:
+            self._check_size(value)
+
+    def _check_size(self, size: int) -> None:
+        if self._max_bytes is not None and size > self._max_bytes:
+            raise FetchError(
+                f"{self._uri} is larger than maxSizeBytes ({size} > {self._max_bytes} bytes)"
+            )
+
     def write(self, chunk: bytes) -> int:
-        self._stream.write(chunk)
+        self._check_size(self.written + len(chunk))
+        try:
+            self._stream.write(chunk)
+        except OSError as error:
+            # The volume is full (or gone): another attempt would fail the same way.
+            if error.errno == errno.ENOSPC:
+                raise FetchError(
+                    f"no space left writing {self._uri} after {self.written} bytes; the volume's "
+                    "sizeLimit follows maxSizeBytes"
+                ) from None
+            raise FetchError(f"cannot write {self._uri}: {error.strerror}") from None
         self.digest.update(chunk)
         self.written += len(chunk)
         now = time.monotonic()
@@ -85,10 +138,42 @@ def redacted(uri: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "<redacted>" if parts.query else "", ""))
 
 
+def scrubbed(message: str, uri: str) -> str:
+    """``message`` with every secret part of ``uri`` (userinfo, query) replaced."""
+    parts = urlsplit(uri)
+    secrets = [uri, parts.query, parts.netloc.rpartition("@")[0], parts.password or ""]
+    secrets += [unquote(secret) for secret in secrets]
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        message = message.replace(secret, redacted(uri) if secret == uri else "<redacted>")
+    return message
+
+
 def fetch(
-    uri: str, dest: Path, sha256: str | None, *, pvc_root: Path, attempts: int = ATTEMPTS
+    uri: str,
+    dest: Path,
+    sha256: str | None,
+    *,
+    pvc_root: Path,
+    max_bytes: int | None = None,
+    attempts: int = ATTEMPTS,
 ) -> Path:
-    """Fetch ``uri`` into ``dest/<file name>``; returns the path written."""
+    """Fetch ``uri`` into ``dest/<file name>``; returns the path written.
+
+    Every failure is a ``FetchError`` whose message carries none of the URI's secrets.
+    """
+    try:
+        return _fetch(uri, dest, sha256, pvc_root, max_bytes, attempts)
+    except FetchError as error:
+        raise FetchError(scrubbed(str(error), uri)) from None
+    except Exception as error:  # whatever a library raised: shown, never its secrets
+        raise FetchError(
+            f"{redacted(uri)}: {type(error).__name__}: {scrubbed(str(error), uri)}"
+        ) from None
+
+
+def _fetch(
+    uri: str, dest: Path, sha256: str | None, pvc_root: Path, max_bytes: int | None, attempts: int
+) -> Path:
     parts = urlsplit(uri)
     shown = redacted(uri)
     try:
@@ -100,7 +185,7 @@ def fetch(
     target = dest / name
     for attempt in range(1, attempts + 1):
         try:
-            _fetch_once(shown, download, target, sha256)
+            _fetch_once(shown, download, target, sha256, max_bytes)
             return target
         except _TransientError as error:
             if attempt == attempts:
@@ -111,14 +196,16 @@ def fetch(
     raise AssertionError("unreachable")
 
 
-def _fetch_once(shown: str, download: Download, target: Path, sha256: str | None) -> None:
+def _fetch_once(
+    shown: str, download: Download, target: Path, sha256: str | None, max_bytes: int | None
+) -> None:
     started = time.monotonic()
     with tempfile.NamedTemporaryFile(
         dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
     ) as stream:
         temporary = Path(stream.name)
         try:
-            sink = _Sink(stream, shown)
+            sink = _Sink(stream, shown, max_bytes)
             download(sink)
             stream.flush()
             os.fsync(stream.fileno())
@@ -150,16 +237,28 @@ def _downloader(parts: SplitResult, pvc_root: Path) -> Download:
     if scheme == "gs":
         return lambda sink: _gcs(parts.netloc, parts.path.lstrip("/"), sink)
     if scheme == "pvc":
-        path = pvc_root / parts.netloc / unquote(parts.path).lstrip("/")
-        return lambda sink: _copy(path, sink)
+        claim = pvc_root / parts.netloc
+        path = _inside(claim, unquote(parts.path))
+        return lambda sink: _copy(path, claim, sink)
     if scheme == "file":
-        path = Path(unquote(parts.path))
-        return lambda sink: _copy(path, sink)
+        root = Path("/")
+        path = _inside(root, unquote(parts.path))
+        return lambda sink: _copy(path, root, sink)
     raise FetchError(f"unsupported URI scheme {scheme!r}; use http, https, s3, gs, pvc or file")
 
 
-def _copy(path: Path, sink: _Sink) -> None:
+def _inside(root: Path, path: str) -> Path:
+    """``path`` under ``root``; a ``..`` segment is refused before anything is opened."""
+    if ".." in PurePosixPath(path).parts:
+        raise FetchError(f"{path!r} has a '..' segment; paths must stay inside {root}")
+    return root / path.lstrip("/")
+
+
+def _copy(path: Path, root: Path, sink: _Sink) -> None:
     try:
+        # Symlinks are followed only as far as they stay inside the root.
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise FetchError(f"{path} leads outside {root} (a symlink); it is refused")
         with path.open("rb") as source:
             sink.total = os.fstat(source.fileno()).st_size
             shutil.copyfileobj(source, sink, _CHUNK)
@@ -168,8 +267,15 @@ def _copy(path: Path, sink: _Sink) -> None:
 
 
 def _http(url: str, sink: _Sink) -> None:
+    # urllib cannot open user:password@host URLs: the userinfo becomes a Basic header.
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=host)))
+    if userinfo:
+        token = base64.b64encode(unquote(userinfo).encode()).decode()
+        request.add_unredirected_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with _opener.open(request, timeout=60) as response:
             length = response.headers.get("Content-Length")
             sink.total = int(length) if length else None
             sink.write_all(iter(lambda: response.read(_CHUNK), b""))

@@ -152,6 +152,8 @@ class FetchSettings(BaseSettings):
     uri: str = pydantic.Field(min_length=1)
     sha256: str | None = pydantic.Field(default=None, pattern=values.SHA256_PATTERN)
     dest: Path
+    # The download stops (and fails) past this many bytes.
+    max_bytes: int | None = pydantic.Field(default=None, ge=1)
     # pvc://<claim>/<path> is read from <pvc_root>/<claim>/<path>: the Deployment
     # mounts each claim there read-only.
     pvc_root: Path = Path(paths.PVC_ROOT)

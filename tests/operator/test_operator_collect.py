@@ -99,3 +99,48 @@ def test_writer_writes_a_new_summary_and_survives_a_failed_write(
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_pod_addresses_of_both_families_make_urls() -> None:
+    def pod(name: str, ip: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+
+    urls = collect.ready_pod_urls([pod("a", "10.1.2.3"), pod("b", "fd00::1:2")], 8080)
+    assert urls == {"a": "http://10.1.2.3:8080/metrics", "b": "http://[fd00::1:2]:8080/metrics"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        b"x" * (collect.MAX_EXPOSITION_BYTES + 10),  # a flood: refused, not read
+        bytes(range(256)) * 64,  # not text at all
+        b"modeldeploy_requests_total{model=iris",  # not exposition
+    ],
+    ids=["too-large", "binary", "garbage"],
+)
+def test_a_hostile_metrics_page_is_left_out_and_counted(page: bytes) -> None:
+    async def scenario() -> None:
+        async def serve(_: web.Request) -> web.Response:
+            return web.Response(body=page, content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/metrics", serve)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        source = collect.DirectSource()
+        url = f"http://127.0.0.1:{port}/metrics"
+        try:
+            errors = _errors()
+            target = collect.Target("ml", "iris", "iris", {"iris-abc-1": url})
+            assert await source.summary(target) is None
+            assert _errors() == errors + 1
+        finally:
+            await source.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())

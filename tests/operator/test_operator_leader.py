@@ -17,19 +17,33 @@ class FakeLeases:
         self.leases: dict[str, dict[str, Any]] = {}
         self.versions = 0
         self.fail_with: Exception | None = None
+        # A slow API server: each request takes this long on `clock`, or times out.
+        self.clock: Clock | None = None
+        self.latency = 0.0
+        self.timeouts: list[float] = []
+
+    def _wait(self, timeout: float) -> None:
+        self.timeouts.append(timeout)
+        if self.clock is not None:
+            self.clock.now += min(self.latency, timeout)
+            if self.latency > timeout:
+                raise TimeoutError("the API server did not answer in time")
 
     def get_lease(self, namespace: str, name: str, *, timeout: float) -> dict[str, Any] | None:
+        self._wait(timeout)
         if self.fail_with:
             raise self.fail_with
         found = self.leases.get(name)
         return copy.deepcopy(found) if found else None
 
     def create_lease(self, lease: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        self._wait(timeout)
         if lease["metadata"]["name"] in self.leases:
             raise kube.ApiError(status=409, reason="AlreadyExists")
         return self._store(lease)
 
     def replace_lease(self, lease: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        self._wait(timeout)
         current = self.leases[lease["metadata"]["name"]]
         if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"]:
             raise kube.ApiError(status=409, reason="Conflict")
@@ -131,3 +145,29 @@ def test_the_leader_gives_up_before_its_lease_can_expire_when_it_cannot_renew() 
     api.fail_with = ConnectionError("the API server is unreachable")
     assert not lost.wait(timeout=0.3)
     assert lost.wait(timeout=2)  # at the renew deadline (2/3 s), before the 1s lease expires
+
+
+def test_a_slow_read_does_not_make_the_holder_look_older() -> None:
+    api, clock = FakeLeases(), Clock()
+    first, second = _elector(api, "a", clock), _elector(api, "b", clock)
+    assert first.try_acquire_or_renew(timeout=1)
+    api.clock, api.latency = clock, 5.0
+    # The standby's read starts at 100 and returns at 105: it has seen the Lease since 105.
+    assert not second.try_acquire_or_renew(timeout=10)
+    api.latency = 0.0
+    clock.now = 118  # 18 s after the read began, 13 s after it returned
+    assert not second.try_acquire_or_renew(timeout=1)
+    clock.now = 120
+    assert second.try_acquire_or_renew(timeout=1)
+
+
+def test_a_renewal_reads_and_writes_within_one_deadline() -> None:
+    api, clock = FakeLeases(), Clock()
+    elector = _elector(api, "a", clock)
+    assert elector.try_acquire_or_renew(timeout=1)
+    api.clock, api.latency, api.timeouts = clock, 6.0, []
+    renewed_at = clock.now
+    # 10 s left of the renew deadline; the read takes 6, so the write gets only 4 and fails.
+    assert not elector.try_acquire_or_renew(timeout=elector.renew_deadline)
+    assert api.timeouts == [10.0, 4.0]
+    assert clock.now - renewed_at <= elector.renew_deadline

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import hashlib
 import http.server
+import ipaddress
 import logging
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -12,6 +16,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from gcp_storage_emulator.server import create_server as create_gcs_emulator
 from google.cloud import storage
 from moto.server import ThreadedMotoServer
@@ -25,9 +33,22 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     failures_left = 0
+    redirect_to = ""
 
     def do_GET(self) -> None:
-        if self.path.partition("?")[0] != "/models/model.onnx":
+        path = self.path.partition("?")[0]
+        if path == "/private/model.onnx":
+            expected = "Basic " + base64.b64encode(b"reader:s3cret pass").decode()
+            if self.headers.get("Authorization") != expected:
+                self.send_error(401)
+                return
+            path = "/models/model.onnx"
+        if path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", _Handler.redirect_to)
+            self.end_headers()
+            return
+        if path != "/models/model.onnx":
             self.send_error(404)
             return
         if _Handler.failures_left > 0:
@@ -181,3 +202,127 @@ def test_pvc_root_comes_from_the_environment(tmp_path: Path) -> None:
 def test_unsupported_scheme_is_named(tmp_path: Path) -> None:
     with pytest.raises(fetch.FetchError, match="unsupported URI scheme 'ftp'"):
         fetch.fetch("ftp://host/model.onnx", tmp_path, None, pvc_root=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The same handler behind TLS, with a self-signed certificate for 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = folder / "cert.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path = folder / "key.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_port}", cert_path
+    server.shutdown()
+
+
+def test_an_https_download_never_follows_a_redirect_to_http(
+    https_server: tuple[str, Path],
+    http_server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base, cert = https_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    _Handler.redirect_to = f"{base}/models/model.onnx"
+    assert fetch.fetch(f"{base}/redirect", tmp_path, DIGEST, pvc_root=tmp_path).exists()
+    _Handler.redirect_to = f"{http_server}/models/model.onnx"
+    with pytest.raises(fetch.FetchError, match="a redirect from https to http is refused"):
+        fetch.fetch(f"{base}/redirect", tmp_path / "downgraded", DIGEST, pvc_root=tmp_path)
+    assert not (tmp_path / "downgraded" / "redirect").exists()
+
+
+def test_userinfo_authenticates_and_is_never_shown(http_server: str, tmp_path: Path) -> None:
+    host = http_server.removeprefix("http://")
+    uri = f"http://reader:s3cret%20pass@{host}/private/model.onnx"
+    assert fetch.fetch(uri, tmp_path, DIGEST, pvc_root=tmp_path).read_bytes() == PAYLOAD
+    # A failure's message, the log and the termination message carry no secret.
+    result = subprocess.run(
+        runtime_command("fetch", "--uri", uri.replace("model.onnx", "gone.onnx"), "--dest", "x"),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "HTTP 404" in result.stderr
+    assert "s3cret" not in result.stderr and "reader" not in result.stderr
+    # Whatever a library raises with the URI in it is scrubbed too.
+    with pytest.raises(fetch.FetchError) as caught:
+        fetch.fetch(
+            "http://reader:s3cret@127.0.0.1:99999/m.onnx",
+            tmp_path,
+            None,
+            pvc_root=tmp_path,
+            attempts=1,
+        )
+    assert "s3cret" not in str(caught.value) and "reader" not in str(caught.value)
+
+
+def test_pvc_and_file_paths_stay_inside_their_root(tmp_path: Path) -> None:
+    claim = tmp_path / "pvc" / "store"
+    claim.mkdir(parents=True)
+    (claim / "model.onnx").write_bytes(PAYLOAD)
+    (tmp_path / "secret.txt").write_text("not for you")
+    (claim / "inside.onnx").symlink_to(claim / "model.onnx")
+    (claim / "escape.onnx").symlink_to(tmp_path / "secret.txt")
+    root = tmp_path / "pvc"
+    assert fetch.fetch("pvc://store/inside.onnx", tmp_path / "a", DIGEST, pvc_root=root).exists()
+    with pytest.raises(fetch.FetchError, match=r"'\.\.' segment"):
+        fetch.fetch("pvc://store/../../secret.txt", tmp_path / "b", None, pvc_root=root)
+    with pytest.raises(fetch.FetchError, match=r"'\.\.' segment"):
+        fetch.fetch("pvc://store/%2e%2e/%2e%2e/secret.txt", tmp_path / "b", None, pvc_root=root)
+    with pytest.raises(fetch.FetchError, match="leads outside"):
+        fetch.fetch("pvc://store/escape.onnx", tmp_path / "c", None, pvc_root=root)
+    with pytest.raises(fetch.FetchError, match=r"'\.\.' segment"):
+        fetch.fetch(f"file://{claim}/../../secret.txt", tmp_path / "d", None, pvc_root=root)
+    assert not (tmp_path / "b").exists() or list((tmp_path / "b").iterdir()) == []
+
+
+def test_a_download_past_max_bytes_stops_and_is_not_retried(
+    http_server: str, tmp_path: Path
+) -> None:
+    with pytest.raises(fetch.FetchError, match="larger than maxSizeBytes"):
+        fetch.fetch(
+            f"{http_server}/models/model.onnx",
+            tmp_path,
+            None,
+            pvc_root=tmp_path,
+            max_bytes=len(PAYLOAD) - 1,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_fails_at_once(tmp_path: Path) -> None:
+    # /dev/full answers every write with ENOSPC, as a full volume does.
+    with open("/dev/full", "wb", buffering=0) as full:
+        sink = fetch._Sink(full, "http://h/m.onnx", None)
+        with pytest.raises(fetch.FetchError, match="no space left"):
+            sink.write(b"x" * 1024)
