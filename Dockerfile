@@ -17,8 +17,11 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/ requirements/
+COPY contract/ contract/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY cli/ cli/
 RUN python -m pip wheel --no-deps --wheel-dir /dist .
 
 # What every final image shares: no bytecode writes on a read-only root filesystem, no
@@ -36,13 +39,16 @@ LABEL org.opencontainers.image.source="https://github.com/modeldeploy/modeldeplo
       org.opencontainers.image.licenses="Apache-2.0"
 
 FROM python-base AS operator
-# The wheel is bind-mounted, not copied: it never lands in a layer. Its dependencies are
-# bounded in pyproject.toml, not pinned one by one (DL3013).
+# The wheel and the lock files are bind-mounted, not copied: they never land in a layer. The
+# dependencies come from the lock, every one pinned with its hashes; then the wheel, without
+# dependencies of its own.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    --mount=type=bind,from=builder,source=/src/requirements,target=/requirements \
     set -- /dist/modeldeploy-*.whl \
     && python -m venv "$VIRTUAL_ENV" \
-    && pip install "$1[operator]"
+    && pip install --require-hashes -r /requirements/operator.txt \
+    && pip install --no-deps "$1"
 LABEL org.opencontainers.image.title="modeldeploy-operator"
 USER 65532:65532
 EXPOSE 8080 9090
@@ -52,9 +58,11 @@ CMD ["run"]
 FROM python-base AS runtime
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    --mount=type=bind,from=builder,source=/src/requirements,target=/requirements \
     set -- /dist/modeldeploy-*.whl \
     && python -m venv "$VIRTUAL_ENV" \
-    && pip install "$1[runtime]"
+    && pip install --require-hashes -r /requirements/runtime.txt \
+    && pip install --no-deps "$1"
 LABEL org.opencontainers.image.title="modeldeploy-runtime"
 USER 65532:65532
 EXPOSE 8080 8081
@@ -76,12 +84,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 # onnxruntime and onnxruntime-gpu ship the same `onnxruntime` module: the CPU build that the
-# runtime extra pulls in is swapped for the GPU build in the same layer.
+# runtime lock pins is swapped for the GPU build in the same layer.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    --mount=type=bind,from=builder,source=/src/requirements,target=/requirements \
     set -- /dist/modeldeploy-*.whl \
     && python3 -m venv "$VIRTUAL_ENV" \
-    && pip install "$1[runtime]" \
+    && pip install --require-hashes -r /requirements/runtime.txt \
+    && pip install --no-deps "$1" \
     && pip uninstall -y onnxruntime \
     && pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
 LABEL org.opencontainers.image.source="https://github.com/modeldeploy/modeldeploy" \

@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv tools test lint demo demo-down clean
+.PHONY: venv tools test lint demo demo-down clean lock
 
-$(BIN)/.installed: pyproject.toml
+# The locked dependencies (hashes checked), then the project and the development package
+# (dev/, the local cluster and generators) editable, without dependencies of their own.
+$(BIN)/.installed: pyproject.toml dev/pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e . -e ./dev
 	touch $@
 
 venv: $(BIN)/.installed
@@ -38,7 +41,20 @@ demo: venv
 
 demo-down: venv
 	$(BIN)/python demo/run.py --down
-	$(BIN)/modeldeploy cluster down
+	$(BIN)/modeldeploy-dev cluster down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# The lock files: every dependency pinned with its hashes. `make venv`, CI (`.ci/run`, which runs
+# `make test`) and the Dockerfile install from them. After changing a dependency in
+# pyproject.toml, `make lock` recompiles all three (add `LOCK_FLAGS=--upgrade` to take the newest
+# versions allowed).
+lock:
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
+		--extra operator $(LOCK_FLAGS) -o requirements/operator.txt pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
+		--extra runtime $(LOCK_FLAGS) -o requirements/runtime.txt pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
+		--extra operator --extra runtime --extra dev $(LOCK_FLAGS) -o requirements/dev.txt \
+		pyproject.toml

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import tritonclient.http as triton_http
 
-from modeldeploy_operator.localcluster import build
-from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_dev import build
+from modeldeploy_dev import cluster as localcluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -124,7 +124,8 @@ def up(traffic_seconds: float) -> None:
          "--metrics-port", "18091", "--metrics-interval", str(METRICS_INTERVAL_S)],
     )  # fmt: skip
     _background(
-        "pod-runner", [str(BIN / "modeldeploy"), "cluster", "run-pods", "--namespace", NAMESPACE]
+        "pod-runner",
+        [str(BIN / "modeldeploy-dev"), "cluster", "run-pods", "--namespace", NAMESPACE],
     )
 
     model = demo_dir() / "iris.onnx"

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_operator.localcluster import build
+from modeldeploy_dev import build
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "modeldeploy"
 

@@ -1,6 +1,6 @@
 """Shared fixtures: the real local control plane and a fresh namespace per test.
 
-The cluster is the project's own (`modeldeploy cluster up`), never whatever KUBECONFIG points
+The cluster is the project's own (`modeldeploy-dev cluster up`), never whatever KUBECONFIG points
 at, so a test can never touch a real cluster. When the binaries are missing they are built; when
 the cluster cannot come up the test errors out: it never skips.
 """
@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 import pytest
 from kopf.testing import KopfRunner
 
-from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_dev import cluster as localcluster
 from operator_helpers import install_crd, running_operator
 from support import Cluster
 

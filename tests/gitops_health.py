@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modeldeploy_operator.localcluster import build
+from modeldeploy_dev import build
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 HEALTH_LUA = REPOSITORY / "gitops" / "argocd" / "health.lua"

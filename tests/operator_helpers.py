@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from kopf.testing import KopfRunner
 
-from modeldeploy_operator import crd
+from modeldeploy_dev import crd
 from modeldeploy_operator import spec as api
 from support import Cluster
 
@@ -27,7 +27,7 @@ OPERATOR_AGENTS = ("modeldeploy-operator", "kopf/")
 
 def install_crd(cluster: Cluster) -> None:
     # Client-side apply on purpose: users do it, and it caps the schema's size.
-    cluster.kubectl("apply", "-f", str(crd.CRD_PATH))
+    cluster.kubectl("apply", "-f", str(crd.crd_paths()[0]))
     cluster.kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}"
     )
@@ -53,7 +53,7 @@ class OperatorProcess:
     def __init__(self, log: Path, kubeconfig: Path, *args: str) -> None:
         self.log = log
         self.health_port = free_port()
-        command = [sys.executable, "-m", "modeldeploy_operator.cli", "run", "--log-format=plain"]
+        command = [sys.executable, "-m", "modeldeploy_cli", "run", "--log-format=plain"]
         command += [f"--health-port={self.health_port}", f"--metrics-port={free_port()}", *args]
         self.process = subprocess.Popen(
             command,

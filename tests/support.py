@@ -6,9 +6,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubernetes import client, config
-
-from modeldeploy_operator.localcluster import build
+from modeldeploy_dev import cluster
 
 
 @dataclass(frozen=True)
@@ -19,15 +17,7 @@ class Cluster:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(build.binaries().kubectl), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-        )
+        result = cluster.run_kubectl(self.kubeconfig, *args, input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result
-
-    def api_client(self) -> client.ApiClient:
-        return config.new_client_from_config(config_file=str(self.kubeconfig))

@@ -14,6 +14,8 @@ import http.server
 import json
 import os
 import random
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,12 +24,10 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from kubernetes import client, config
-
-from modeldeploy_operator.localcluster import build
-from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_dev import cluster as localcluster
+from modeldeploy_dev import crd
 from modeldeploy_runtime import metrics as runtime_metrics
 
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
@@ -37,13 +37,10 @@ METRICS_INTERVAL_S = 30
 
 
 def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
-    return subprocess.run(
-        [str(build.binaries().kubectl), "--kubeconfig", str(kubeconfig), *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    result = localcluster.run_kubectl(kubeconfig, *args, input=input)
+    if result.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(args)} failed: {result.stderr}")
+    return result.stdout
 
 
 def _operator_writes(audit_log: Path, offset: int, namespace: str) -> int:
@@ -72,11 +69,19 @@ def _operator_reads() -> float:
     )
 
 
-def _peak_rss_mib(pid: int) -> float:
+def _status_mib(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmHWM")
+
+
+def _rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmRSS")
 
 
 class _SyntheticPods:
@@ -170,16 +175,25 @@ def _wait(what: str, probe: Any, deadline: float) -> float:
 
 
 def run(
-    count: int, kubeconfig: Path, audit_log: Path, steady_seconds: int, metrics_seconds: int
+    count: int,
+    kubeconfig: Path,
+    audit_log: Path,
+    steady_seconds: int,
+    metrics_seconds: int,
+    tracemalloc_dir: Path | None = None,
+    operator_command: list[str] | None = None,
 ) -> dict[str, float]:
     namespace = f"bench-{count}-{uuid.uuid4().hex[:6]}"
     _kubectl(kubeconfig, "create", "namespace", namespace)
-    api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-    custom = client.CustomObjectsApi(api)
     log = Path(tempfile.gettempdir()) / f"modeldeploy-bench-{namespace}.log"
+    # Under --tracemalloc the operator runs in traced.py, which writes where its memory was
+    # allocated on SIGUSR1.
+    command = operator_command or [str(Path(sys.executable).with_name("modeldeploy"))]
+    if tracemalloc_dir is not None:
+        command = [sys.executable, str(Path(__file__).with_name("traced.py")), str(tracemalloc_dir)]
     operator = subprocess.Popen(
         [
-            str(Path(sys.executable).with_name("modeldeploy")),
+            *command,
             "run",
             "--namespace",
             namespace,
@@ -211,12 +225,7 @@ def run(
             return len(names.split()) >= 2 * count
 
         def all_ready() -> bool:
-            listed = cast(
-                dict[str, Any],
-                custom.list_namespaced_custom_object(
-                    "modeldeploy.io", "v1alpha1", namespace, "modeldeployments"
-                ),
-            )
+            listed = json.loads(_kubectl(kubeconfig, "get", "md", "-n", namespace, "-o", "json"))
             ready = 0
             for md in listed["items"]:
                 status = md.get("status", {})
@@ -236,10 +245,16 @@ def run(
         time.sleep(steady_seconds)
         steady_writes = _operator_writes(audit_log, steady_offset, namespace)
         peak_rss = _peak_rss_mib(operator.pid)
+        rss = _rss_mib(operator.pid)
+        if tracemalloc_dir is not None:
+            operator.send_signal(signal.SIGUSR1)
+            time.sleep(5)
         metric_writes = {
             fluctuate: _metric_writes_per_min(
                 kubeconfig, audit_log, namespace, fluctuate, metrics_seconds
             )
+            if metrics_seconds
+            else float("nan")
             for fluctuate in (False, True)
         }
         return {
@@ -250,6 +265,7 @@ def run(
             "writes_per_md": writes / count,
             "reads_per_md": reads / count,
             "peak_rss_mib": peak_rss,
+            "rss_mib": rss,
             "steady_writes_per_min": steady_writes * 60 / steady_seconds,
             "metric_writes_steady_traffic": metric_writes[False],
             "metric_writes_fluctuating": metric_writes[True],
@@ -265,22 +281,51 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 1000])
     parser.add_argument("--steady-seconds", type=int, default=60)
-    parser.add_argument("--metrics-seconds", type=int, default=90)
+    parser.add_argument(
+        "--metrics-seconds", type=int, default=90, help="0 skips the status.metrics phase"
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        type=Path,
+        metavar="DIR",
+        help="run the operator under tracemalloc; write where its memory went into DIR",
+    )
+    parser.add_argument(
+        "--operator-command",
+        type=shlex.split,
+        metavar="CMD",
+        help="how to start `modeldeploy` (default: this virtualenv's), e.g. to measure another "
+        "checkout",
+    )
     args = parser.parse_args()
     state = localcluster.up()
+    # The CRD, as the chart or `kubectl apply -f crds/` installs it.
+    _kubectl(state.kubeconfig, "apply", "--server-side", "-f", str(crd.crd_paths()[0]))
+    _kubectl(
+        state.kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/modeldeployments.modeldeploy.io",
+    )  # fmt: skip
     results = [
-        run(count, state.kubeconfig, state.audit_log, args.steady_seconds, args.metrics_seconds)
+        run(
+            count,
+            state.kubeconfig,
+            state.audit_log,
+            args.steady_seconds,
+            args.metrics_seconds,
+            args.tracemalloc,
+            args.operator_command,
+        )
         for count in args.counts
     ]
     print(
         f"{'MDs':>5} {'create s':>9} {'children s':>11} {'Ready s':>8} {'writes/MD':>10} "
-        f"{'reads/MD':>9} {'peak RSS MiB':>13} {'steady writes/min':>18}"
+        f"{'reads/MD':>9} {'peak RSS MiB':>13} {'RSS MiB':>8} {'steady writes/min':>18}"
     )
     for r in results:
         print(
             f"{r['count']:>5} {r['create_s']:>9.1f} {r['children_s']:>11.1f} {r['ready_s']:>8.1f} "
             f"{r['writes_per_md']:>10.2f} {r['reads_per_md']:>9.2f} {r['peak_rss_mib']:>13.0f} "
-            f"{r['steady_writes_per_min']:>18.1f}"
+            f"{r['rss_mib']:>8.0f} {r['steady_writes_per_min']:>18.1f}"
         )
     print(
         f"\nstatus.metrics writes per minute (interval {METRICS_INTERVAL_S}s; budget: at most one "

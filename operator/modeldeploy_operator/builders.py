@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from modeldeploy_contract import flags, metrics, paths, values
 from modeldeploy_operator import spec as api
 
-Object = dict[str, Any]
-
-HTTP_PORT = 8080
-GRPC_PORT = 8081
-# After SIGTERM the runtime stays up, not ready, for DRAIN_SECONDS (clients keep arriving
-# until the endpoint's removal has spread), then in-flight requests get up to
-# FINISH_SECONDS (the runtime's frontend.FINISH_SECONDS).
-DRAIN_SECONDS = 10
-FINISH_SECONDS = 15
-MODEL_DIR = "/models"
-# The runtime reads pvc://<claim>/<path> from <PVC_ROOT>/<claim>/<path> (its MODELDEPLOY_PVC_ROOT).
-PVC_ROOT = "/mnt/pvc"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-CONCURRENCY_METRIC = "modeldeploy_inflight_requests"
+CONCURRENCY_METRIC = metrics.INFLIGHT
 # The distroless "nonroot" user; the runtime image runs as it.
 NONROOT_UID = 65532
 
@@ -92,13 +80,13 @@ def child_labels(owner: Owner) -> dict[str, str]:
     }
 
 
+def owned_by(obj: api.Object, uid: str) -> bool:
+    """Whether the owner with this uid is among the object's owner references."""
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", []))
+
+
 def model_name(owner: Owner, spec: api.ModelDeploymentSpec) -> str:
     return spec.model.name or owner.name
-
-
-def artifact_path(directory: str, uri: str) -> str:
-    """Where `modeldeploy-runtime fetch --dest DIR` puts the file at URI: DIR/<its base name>."""
-    return posixpath.join(directory, posixpath.basename(urlparse(uri).path) or "model.onnx")
 
 
 def model_digest(spec: api.ModelDeploymentSpec) -> str:
@@ -114,7 +102,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _metadata(owner: Owner, **extra: Any) -> Object:
+def _metadata(owner: Owner, **extra: Any) -> api.Object:
     return {
         "name": owner.name,
         "namespace": owner.namespace,
@@ -133,8 +121,8 @@ def _metadata(owner: Owner, **extra: Any) -> Object:
     }
 
 
-def _object(kind: Kind, owner: Owner, spec: Object) -> Object:
-    body: Object = {
+def _object(kind: Kind, owner: Owner, spec: api.Object) -> api.Object:
+    body: api.Object = {
         "apiVersion": kind.api_version,
         "kind": kind.kind,
         "metadata": _metadata(owner),
@@ -148,7 +136,59 @@ def _quantities(values: dict[str, api.IntOrString] | None) -> dict[str, str]:
     return {name: str(value) for name, value in (values or {}).items()}
 
 
-def _pvc_mounts(uris: list[str]) -> tuple[list[Object], list[Object]]:
+# Room beside the artifacts: file system overhead, and on /tmp the metrics files.
+_VOLUME_SLACK = 16 * 2**20
+_TMP_SLACK = 256 * 2**20
+
+
+def fetch_settings(
+    uri: str, sha256: str | None, dest: str, max_bytes: int | None = None
+) -> dict[str, str]:
+    """The runtime settings of `modeldeploy-runtime fetch` for one artifact."""
+    settings = {flags.URI: uri, flags.DEST: dest}
+    if sha256:
+        settings[flags.SHA256] = sha256.lower()
+    if max_bytes:
+        settings[flags.MAX_BYTES] = str(max_bytes)
+    return settings
+
+
+def serve_settings(
+    owner: Owner, spec: api.ModelDeploymentSpec, model_dir: str, calibration_dir: str
+) -> dict[str, str]:
+    """The runtime settings of `modeldeploy-runtime serve` for a spec whose artifacts were
+    fetched into `model_dir` and `calibration_dir`. Pods get them as flags; `modeldeploy serve`
+    passes them to the runtime the same way."""
+    runtime = spec.runtime
+    settings = {
+        flags.MODEL_PATH: paths.artifact_path(model_dir, spec.model.uri),
+        flags.MODEL_NAME: model_name(owner, spec),
+        flags.QUANTIZATION: spec.quantization,
+        flags.MAX_BATCH_SIZE: str(runtime.max_batch_size),
+        flags.MAX_BATCH_DELAY_MS: str(runtime.max_batch_delay_ms),
+        flags.MAX_QUEUE_SIZE: str(runtime.max_queue_size),
+        flags.MAX_QUEUE_BYTES: str(runtime.max_queue_bytes),
+        flags.WORKERS: str(runtime.workers),
+        flags.THREADS: str(runtime.threads),
+        flags.DEVICE: "cuda" if spec.accelerator else "cpu",
+        flags.DRAIN_SECONDS: str(values.DRAIN_SECONDS),
+        flags.HTTP_PORT: str(paths.HTTP_PORT),
+        flags.GRPC_PORT: str(paths.GRPC_PORT),
+    }
+    if runtime.batch_sizes:
+        settings[flags.BATCH_SIZES] = ",".join(str(s) for s in sorted(set(runtime.batch_sizes)))
+    if spec.accelerator:
+        settings[flags.CUDNN_CONV_ALGO_SEARCH] = runtime.cudnn_conv_algo_search
+    if spec.model.version:
+        settings[flags.MODEL_VERSION] = spec.model.version
+    if spec.calibration_uri:
+        settings[flags.CALIBRATION_PATH] = paths.artifact_path(
+            calibration_dir, spec.calibration_uri
+        )
+    return settings
+
+
+def _pvc_mounts(uris: list[str]) -> tuple[list[api.Object], list[api.Object]]:
     """Volumes and read-only mounts for the claims that pvc:// URIs name."""
     claims = sorted({urlparse(uri).netloc for uri in uris if uri.startswith("pvc://")})
     volumes = [
@@ -156,7 +196,7 @@ def _pvc_mounts(uris: list[str]) -> tuple[list[Object], list[Object]]:
         for i, claim in enumerate(claims)
     ]
     mounts = [
-        {"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}
+        {"name": f"pvc-{i}", "mountPath": f"{paths.PVC_ROOT}/{claim}", "readOnly": True}
         for i, claim in enumerate(claims)
     ]
     return volumes, mounts
@@ -169,65 +209,57 @@ _CONTAINER_SECURITY = {
     "capabilities": {"drop": ["ALL"]},
 }
 
+_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": NONROOT_UID,
+    "runAsGroup": NONROOT_UID,
+    "fsGroup": NONROOT_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
-def _fetch_container(name: str, image: str, uri: str, sha256: str | None, dest: str) -> Object:
-    args = ["fetch", "--uri", uri, "--dest", dest]
-    if sha256:
-        args += ["--sha256", sha256.lower()]
+
+def _container(name: str, image: str, command: str, settings: dict[str, str]) -> api.Object:
     return {
         "name": name,
         "image": image,
-        "command": ["modeldeploy-runtime"],
-        "args": args,
-        # The status reports why a fetch failed from the tail of its log.
+        "command": [flags.COMMAND],
+        "args": flags.argv(command, settings),
+        # The status reports why a container failed from the tail of its log.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": _CONTAINER_SECURITY,
     }
 
 
-def _serve_args(owner: Owner, spec: api.ModelDeploymentSpec, calibration_dir: str) -> list[str]:
-    runtime = spec.runtime
-    args = [
-        "serve",
-        "--model-path",
-        artifact_path(f"{MODEL_DIR}/model", spec.model.uri),
-        "--model-name",
-        model_name(owner, spec),
-        "--quantization",
-        spec.quantization,
-        "--max-batch-size",
-        str(runtime.max_batch_size),
-        "--max-batch-delay-ms",
-        str(runtime.max_batch_delay_ms),
-        "--max-queue-size",
-        str(runtime.max_queue_size),
-        "--max-queue-bytes",
-        str(runtime.max_queue_bytes),
-        "--workers",
-        str(runtime.workers),
-        "--threads",
-        str(runtime.threads),
-        "--device",
-        "cuda" if spec.accelerator else "cpu",
-        "--drain-seconds",
-        str(DRAIN_SECONDS),
-        "--http-port",
-        str(HTTP_PORT),
-        "--grpc-port",
-        str(GRPC_PORT),
-    ]
-    if runtime.batch_sizes:
-        args += ["--batch-sizes", ",".join(str(size) for size in sorted(set(runtime.batch_sizes)))]
-    if spec.accelerator:
-        args += ["--cudnn-conv-algo-search", runtime.cudnn_conv_algo_search]
-    if spec.model.version:
-        args += ["--model-version", spec.model.version]
+def _uris(spec: api.ModelDeploymentSpec) -> list[str]:
+    return [spec.model.uri] + ([spec.calibration_uri] if spec.calibration_uri else [])
+
+
+def _init_containers(spec: api.ModelDeploymentSpec, image: str) -> list[api.Object]:
+    """One container per artifact: fetch, verify, write it into the shared volume."""
+    fetches = [("fetch-model", spec.model.uri, spec.model.sha256, paths.MODEL_DIR)]
     if spec.calibration_uri:
-        args += ["--calibration-path", artifact_path(calibration_dir, spec.calibration_uri)]
-    return args
+        fetches.append(
+            ("fetch-calibration", spec.calibration_uri, spec.calibration_sha256,
+             paths.CALIBRATION_DIR)
+        )  # fmt: skip
+    _, pvc_mounts = _pvc_mounts(_uris(spec))
+    work_mounts = [
+        {"name": "models", "mountPath": paths.MODELS_DIR},
+        {"name": "tmp", "mountPath": paths.TMP_DIR},
+    ]
+    return [
+        _container(
+            name,
+            image,
+            flags.FETCH,
+            fetch_settings(uri, sha256, dest, spec.model.max_size_bytes),
+        )
+        | {"volumeMounts": work_mounts + pvc_mounts}
+        for name, uri, sha256, dest in fetches
+    ]
 
 
-def _probe(path: str, period: int, failures: int) -> Object:
+def _probe(path: str, period: int, failures: int) -> api.Object:
     return {
         "httpGet": {"path": path, "port": "http"},
         "periodSeconds": period,
@@ -235,102 +267,106 @@ def _probe(path: str, period: int, failures: int) -> Object:
     }
 
 
-def deployment(owner: Owner, spec: api.ModelDeploymentSpec, default_image: str) -> Object:
-    image = spec.runtime.image or default_image
-    model_dir = f"{MODEL_DIR}/model"
-    calibration_dir = f"{MODEL_DIR}/calibration"
-    uris = [spec.model.uri] + ([spec.calibration_uri] if spec.calibration_uri else [])
-    pvc_volumes, pvc_mounts = _pvc_mounts(uris)
-    work_mounts = [
-        {"name": "models", "mountPath": MODEL_DIR},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
+def _probes() -> api.Object:
+    return {
+        # Loading (and quantizing) a large model can take minutes; liveness waits for it.
+        "startupProbe": _probe(paths.LIVE_PATH, period=2, failures=300),
+        "readinessProbe": _probe(paths.READY_PATH, period=5, failures=3),
+        "livenessProbe": _probe(paths.LIVE_PATH, period=10, failures=3),
+    }
 
-    init_containers = [
-        _fetch_container("fetch-model", image, spec.model.uri, spec.model.sha256, model_dir)
-    ]
-    if spec.calibration_uri:
-        init_containers.append(
-            _fetch_container(
-                "fetch-calibration", image, spec.calibration_uri, None, calibration_dir
-            )
-        )
-    for container in init_containers:
-        container["volumeMounts"] = work_mounts + pvc_mounts
 
+def _resources(spec: api.ModelDeploymentSpec) -> api.Object:
     requests = _quantities(spec.resources.requests if spec.resources else None)
     limits = _quantities(spec.resources.limits if spec.resources else None)
+    if spec.accelerator:
+        limits[GPU_RESOURCE] = str(spec.accelerator.count)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _serving_container(owner: Owner, spec: api.ModelDeploymentSpec, image: str) -> api.Object:
+    settings = serve_settings(owner, spec, paths.MODEL_DIR, paths.CALIBRATION_DIR)
+    serve = _container("runtime", image, flags.SERVE, settings) | {
+        "ports": [
+            {"name": "http", "containerPort": paths.HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": paths.GRPC_PORT, "protocol": "TCP"},
+        ],
+        **_probes(),
+        "volumeMounts": [
+            {"name": "models", "mountPath": paths.MODELS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": paths.TMP_DIR},
+        ],
+    }
+    # The key order of the applied object is kept as it was: the applied digest hashes it.
+    serve["securityContext"] = serve.pop("securityContext")
+    serve["volumeMounts"] = serve.pop("volumeMounts")
+    resources = _resources(spec)
+    if resources:
+        serve["resources"] = resources
+    return serve
+
+
+def _scheduling(spec: api.ModelDeploymentSpec) -> api.Object:
+    """Node selector, tolerations and affinity; GPU models go to the nodes of their product."""
     node_selector = dict(spec.node_selector or {})
     tolerations = list(spec.tolerations or [])
     if spec.accelerator:
-        limits[GPU_RESOURCE] = str(spec.accelerator.count)
         if spec.accelerator.product:
             node_selector[GPU_PRODUCT_LABEL] = spec.accelerator.product
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    resources = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+    scheduling: api.Object = {}
+    if node_selector:
+        scheduling["nodeSelector"] = node_selector
+    if tolerations:
+        scheduling["tolerations"] = tolerations
+    if spec.affinity:
+        scheduling["affinity"] = spec.affinity
+    return scheduling
 
-    serve: Object = {
-        "name": "runtime",
-        "image": image,
-        "command": ["modeldeploy-runtime"],
-        "args": _serve_args(owner, spec, calibration_dir),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "ports": [
-            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-        ],
-        # Loading (and quantizing) a large model can take minutes; liveness waits for it.
-        "startupProbe": _probe("/v2/health/live", period=2, failures=300),
-        "readinessProbe": _probe("/v2/health/ready", period=5, failures=3),
-        "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
-        "securityContext": _CONTAINER_SECURITY,
-        "volumeMounts": [
-            {"name": "models", "mountPath": MODEL_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-    }
-    if resources:
-        serve["resources"] = resources
 
-    pod_labels = child_labels(owner)
+def _work_volumes(spec: api.ModelDeploymentSpec) -> list[api.Object]:
+    """The shared model volume and /tmp, sized by model.maxSizeBytes when it is given: each
+    artifact may be that large, and /tmp holds at most a converted copy of the model."""
+    limit = spec.model.max_size_bytes
+    if limit is None:
+        return [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    artifacts = len(_uris(spec))
+    return [
+        {"name": "models", "emptyDir": {"sizeLimit": str(artifacts * limit + _VOLUME_SLACK)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(limit + _TMP_SLACK)}},
+    ]
+
+
+def _pod_template(owner: Owner, spec: api.ModelDeploymentSpec, image: str) -> api.Object:
+    pvc_volumes, _ = _pvc_mounts(_uris(spec))
+    labels = child_labels(owner)
     if spec.model.version:
-        pod_labels[LABEL_MODEL_VERSION] = spec.model.version
-    pod_spec: Object = {
+        labels[LABEL_MODEL_VERSION] = spec.model.version
+    pod_spec: api.Object = {
         "automountServiceAccountToken": False,
         # The runtime's SIGTERM sequence: serve on (not ready) through the drain delay,
         # then give in-flight requests their time; the grace period covers both.
-        "terminationGracePeriodSeconds": DRAIN_SECONDS + FINISH_SECONDS + 5,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT_UID,
-            "runAsGroup": NONROOT_UID,
-            "fsGroup": NONROOT_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "initContainers": init_containers,
-        "containers": [serve],
-        "volumes": [
-            {"name": "models", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            *pvc_volumes,
-        ],
+        "terminationGracePeriodSeconds": values.DRAIN_SECONDS + values.FINISH_SECONDS + 5,
+        "securityContext": _POD_SECURITY,
+        "initContainers": _init_containers(spec, image),
+        "containers": [_serving_container(owner, spec, image)],
+        "volumes": [*_work_volumes(spec), *pvc_volumes],
+        **_scheduling(spec),
     }
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if spec.affinity:
-        pod_spec["affinity"] = spec.affinity
-
-    deployment_spec: Object = {
-        "selector": {"matchLabels": selector_labels(owner)},
-        "template": {
-            "metadata": {
-                "labels": pod_labels,
-                "annotations": {ANNOTATION_MODEL_DIGEST: model_digest(spec)},
-            },
-            "spec": pod_spec,
+    return {
+        "metadata": {
+            "labels": labels,
+            "annotations": {ANNOTATION_MODEL_DIGEST: model_digest(spec)},
         },
+        "spec": pod_spec,
+    }
+
+
+def deployment(owner: Owner, spec: api.ModelDeploymentSpec, default_image: str) -> api.Object:
+    image = spec.runtime.image or default_image
+    deployment_spec: api.Object = {
+        "selector": {"matchLabels": selector_labels(owner)},
+        "template": _pod_template(owner, spec, image),
     }
     # Under autoscaling the HPA owns replicas: leaving the field out of the applied
     # configuration is what keeps server-side apply from ever resetting it.
@@ -339,7 +375,7 @@ def deployment(owner: Owner, spec: api.ModelDeploymentSpec, default_image: str) 
     return _object(DEPLOYMENT, owner, deployment_spec)
 
 
-def service(owner: Owner, spec: api.ModelDeploymentSpec) -> Object:
+def service(owner: Owner, spec: api.ModelDeploymentSpec) -> api.Object:
     return _object(
         SERVICE,
         owner,
@@ -347,10 +383,10 @@ def service(owner: Owner, spec: api.ModelDeploymentSpec) -> Object:
             "type": spec.service.type,
             "selector": selector_labels(owner),
             "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "http", "port": paths.HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
                 {
                     "name": "grpc",
-                    "port": GRPC_PORT,
+                    "port": paths.GRPC_PORT,
                     "targetPort": "grpc",
                     "protocol": "TCP",
                     "appProtocol": "kubernetes.io/h2c",
@@ -360,8 +396,8 @@ def service(owner: Owner, spec: api.ModelDeploymentSpec) -> Object:
     )
 
 
-def ingress(owner: Owner, settings: api.IngressSettings) -> Object:
-    ingress_spec: Object = {
+def ingress(owner: Owner, settings: api.IngressSettings) -> api.Object:
+    ingress_spec: api.Object = {
         "rules": [
             {
                 "host": settings.host,
@@ -384,8 +420,8 @@ def ingress(owner: Owner, settings: api.IngressSettings) -> Object:
     return _object(INGRESS, owner, ingress_spec)
 
 
-def autoscaler(owner: Owner, settings: api.Autoscaling) -> Object:
-    metric: Object
+def autoscaler(owner: Owner, settings: api.Autoscaling) -> api.Object:
+    metric: api.Object
     if settings.metric == "concurrency":
         metric = {
             "type": "Pods",
@@ -414,8 +450,8 @@ def autoscaler(owner: Owner, settings: api.Autoscaling) -> Object:
     )
 
 
-def disruption_budget(owner: Owner, settings: api.DisruptionBudget) -> Object:
-    budget: Object = {"selector": {"matchLabels": selector_labels(owner)}}
+def disruption_budget(owner: Owner, settings: api.DisruptionBudget) -> api.Object:
+    budget: api.Object = {"selector": {"matchLabels": selector_labels(owner)}}
     if settings.min_available is not None:
         budget["minAvailable"] = settings.min_available
     if settings.max_unavailable is not None:
@@ -423,11 +459,11 @@ def disruption_budget(owner: Owner, settings: api.DisruptionBudget) -> Object:
     return _object(DISRUPTION_BUDGET, owner, budget)
 
 
-def network_policy(owner: Owner, settings: api.NetworkPolicySettings) -> Object:
-    rule: Object = {
+def network_policy(owner: Owner, settings: api.NetworkPolicySettings) -> api.Object:
+    rule: api.Object = {
         "ports": [
-            {"port": HTTP_PORT, "protocol": "TCP"},
-            {"port": GRPC_PORT, "protocol": "TCP"},
+            {"port": paths.HTTP_PORT, "protocol": "TCP"},
+            {"port": paths.GRPC_PORT, "protocol": "TCP"},
         ]
     }
     if settings.allow_from:
@@ -443,7 +479,9 @@ def network_policy(owner: Owner, settings: api.NetworkPolicySettings) -> Object:
     )
 
 
-def children(owner: Owner, spec: api.ModelDeploymentSpec, default_image: str) -> dict[Kind, Object]:
+def children(
+    owner: Owner, spec: api.ModelDeploymentSpec, default_image: str
+) -> dict[Kind, api.Object]:
     """Every child the spec asks for; a kind missing from the result is not wanted."""
     wanted = {
         DEPLOYMENT: deployment(owner, spec, default_image),
@@ -466,4 +504,4 @@ def url(owner: Owner, spec: api.ModelDeploymentSpec) -> str:
     if spec.ingress:
         scheme = "https" if spec.ingress.tls_secret_name else "http"
         return f"{scheme}://{spec.ingress.host}{spec.ingress.path.rstrip('/')}{path}"
-    return f"http://{owner.name}.{owner.namespace}.svc:{HTTP_PORT}{path}"
+    return f"http://{owner.name}.{owner.namespace}.svc:{paths.HTTP_PORT}{path}"

@@ -1,4 +1,4 @@
-"""The `modeldeploy` command."""
+"""`modeldeploy run`: the operator, against the current cluster."""
 
 from __future__ import annotations
 
@@ -9,61 +9,36 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    from modeldeploy_operator import leader
+import pydantic
 
-
-def _cluster(args: argparse.Namespace) -> int:
-    # Imported here: the operator image does not need the local-cluster tooling's dependencies.
-    from modeldeploy_operator.localcluster import build, cluster
-
-    if args.action == "up":
-        cluster.up()
-        print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product"), end="")
-    elif args.action == "down":
-        cluster.down()
-    elif args.action == "kubeconfig":
-        print(cluster.kubeconfig_path())
-    elif args.action == "build":
-        build.build_all()
-    elif args.action == "run-pods":
-        from modeldeploy_operator.localcluster import podrunner
-
-        podrunner.main(args.namespace)
-    return 0
+from modeldeploy_operator import settings as config
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(settings: config.OperatorSettings) -> int:
     # Imported here: importing the handlers registers them with kopf.
     import kopf
     import prometheus_client
 
-    from modeldeploy_operator import handlers  # noqa: F401 (registers the handlers)
+    from modeldeploy_operator import handlers
 
-    log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
-    kopf.configure(verbose=args.verbose, log_format=log_format)
-    if not args.verbose:
+    log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=settings.verbose, log_format=log_format)
+    if not settings.verbose:
         # kopf logs every handled watch event; at a thousand models that is noise. Failures
         # are still logged, and the reconciler logs every write it makes.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    prometheus_client.start_http_server(args.metrics_port)
-    elector = _lead(args) if args.leader_election_namespace else None
+    prometheus_client.start_http_server(settings.metrics_port)
+    elector = _lead(settings) if settings.leader_election_namespace else None
     try:
         kopf.run(
-            clusterwide=not args.namespace,
-            namespaces=args.namespace or (),
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
             standalone=True,
-            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
-            memo=kopf.Memo(
-                runtime_image=args.runtime_image,
-                prometheus_url=args.prometheus_url,
-                metrics_interval=args.metrics_interval,
-                metrics_window=args.metrics_window,
-            ),
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+            memo=handlers.memo(settings),
         )
     finally:
         if elector is not None:
@@ -71,18 +46,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lead(args: argparse.Namespace) -> leader.Elector:
+def _lead(settings: config.OperatorSettings) -> Any:
     """Blocks until this replica holds the Lease, then keeps renewing it in a thread."""
     from modeldeploy_operator import kube, leader
 
+    assert settings.leader_election_namespace is not None
     elector = leader.Elector(
         kube.Kube.from_environment(),
-        args.leader_election_namespace,
-        args.leader_election_id,
+        settings.leader_election_namespace,
+        settings.leader_election_id,
         identity=leader.identity(),
-        lease_seconds=args.leader_election_lease_seconds,
+        lease_seconds=settings.leader_election_lease_seconds,
     )
-    with _standby_liveness(args.health_port):
+    with _standby_liveness(settings.health_port):
         elector.acquire()
     elector.keep_renewing(on_lost=_stop_acting)
     return elector
@@ -118,150 +94,55 @@ def _standby_liveness(port: int) -> Iterator[None]:
         server.server_close()
 
 
-def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    run = commands.add_parser("run", help="run the operator against the current cluster")
-    run.add_argument(
-        "--namespace",
-        action="append",
-        metavar="NS",
-        help="serve this namespace (repeatable; exact names: the operator is not allowed to "
-        "list namespaces); default: all",
-    )
-    run.add_argument(
-        "--runtime-image",
-        default=os.environ.get("MODELDEPLOY_RUNTIME_IMAGE"),
-        help="runtime image for ModelDeployments that name none "
-        "(default: $MODELDEPLOY_RUNTIME_IMAGE or the release's image)",
-    )
-    run.add_argument(
-        "--prometheus-url",
-        help="summarise status.metrics with PromQL from this Prometheus "
-        "(default: $MODELDEPLOY_PROMETHEUS_URL, else scrape the ready pods directly)",
-    )
-    run.add_argument(
-        "--metrics-interval",
-        type=_positive_float,
-        help="seconds between status.metrics updates (default 30; $MODELDEPLOY_METRICS_INTERVAL)",
-    )
-    run.add_argument(
-        "--metrics-window",
-        type=_positive_int,
-        help="seconds of history PromQL rates cover (default 60; $MODELDEPLOY_METRICS_WINDOW)",
-    )
-    run.add_argument("--log-format", choices=["json", "plain"], default="plain")
-    run.add_argument("--verbose", action="store_true", help="debug logging")
-    run.add_argument("--health-port", type=int, default=8080, help="serves /healthz (default 8080)")
-    run.add_argument(
-        "--metrics-port", type=int, default=9090, help="serves Prometheus /metrics (default 9090)"
-    )
-    run.add_argument(
-        "--leader-election-namespace",
-        metavar="NS",
-        help="of all replicas only the one holding a Lease in this namespace acts; the others "
-        "stand by (default: no election, for a single replica)",
-    )
-    run.add_argument(
-        "--leader-election-id",
-        metavar="NAME",
-        default="modeldeploy-operator",
-        help="the Lease's name (default modeldeploy-operator)",
-    )
-    run.add_argument(
-        "--leader-election-lease-seconds",
-        type=_positive_int,
-        default=15,
-        metavar="S",
-        help="a leader that has not renewed the Lease for this long is replaced (default 15)",
-    )
-    run.set_defaults(func=_run)
+def _help(field: str) -> str:
+    info = config.OperatorSettings.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    shown = f"; default {default}" if default not in (None, (), False) else ""
+    return f"{info.description or field}{shown} (${config.ENV_PREFIX}{field.upper()})"
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from modeldeploy_operator import localserve
+def parser() -> argparse.ArgumentParser:
+    """The flags of `modeldeploy run`. They default to None: the settings model decides between
+    the environment and its defaults, and validates whatever was given."""
+    run = argparse.ArgumentParser(
+        prog="modeldeploy run",
+        description="Run the operator against the current cluster ($KUBECONFIG, or in-cluster).",
+        argument_default=None,
+    )
+    run.add_argument("--namespace", dest="namespaces", action="append", metavar="NS",
+                     help=_help("namespaces") + "; repeatable")  # fmt: skip
+    run.add_argument("--runtime-image", help=_help("runtime_image"))
+    run.add_argument("--prometheus-url", help=_help("prometheus_url"))
+    run.add_argument("--metrics-interval", metavar="S", help=_help("metrics_interval"))
+    run.add_argument("--metrics-window", metavar="S", help=_help("metrics_window"))
+    run.add_argument("--reconcile-workers", metavar="N", help=_help("reconcile_workers"))
+    run.add_argument("--log-format", choices=["json", "plain"], help=_help("log_format"))
+    run.add_argument("--verbose", action="store_const", const=True, help="debug logging")
+    run.add_argument("--health-port", metavar="PORT", help=_help("health_port"))
+    run.add_argument("--metrics-port", metavar="PORT", help=_help("metrics_port"))
+    run.add_argument("--leader-election-namespace", metavar="NS",
+                     help=_help("leader_election_namespace"))  # fmt: skip
+    run.add_argument("--leader-election-id", metavar="NAME", help=_help("leader_election_id"))
+    run.add_argument("--leader-election-lease-seconds", metavar="S",
+                     help=_help("leader_election_lease_seconds"))  # fmt: skip
+    return run
 
+
+def settings_from(argv: Sequence[str]) -> config.OperatorSettings:
+    """Flags over environment over defaults, validated once; exits 2 naming a bad setting."""
+    run = parser()
+    given = {k: v for k, v in vars(run.parse_args(argv)).items() if v is not None}
     try:
-        return localserve.serve(
-            args.file,
-            name=args.name,
-            host=args.host,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            workdir=args.workdir,
-            pvc_root=args.pvc_root,
-        )
-    except localserve.ServeError as error:
-        print(f"modeldeploy serve: {error}", file=sys.stderr)
-        return 2
+        return config.OperatorSettings(**given)
+    except pydantic.ValidationError as error:
+        run.error("\n".join(config.problems(error)))
 
 
-def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = commands.add_parser(
-        "serve", help="serve a ModelDeployment's model on this machine, no cluster needed"
-    )
-    serve.add_argument("-f", "--file", type=Path, required=True, help="a ModelDeployment YAML")
-    serve.add_argument("--name", help="which ModelDeployment, when the file holds several")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--http-port", type=int, default=8080)
-    serve.add_argument("--grpc-port", type=int, default=8081)
-    serve.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(".modeldeploy"),
-        help="where the model is fetched and cached (default ./.modeldeploy)",
-    )
-    serve.add_argument(
-        "--pvc-root", type=Path, default=Path("."), help="pvc://<claim>/<path> reads <root>/<claim>"
-    )
-    serve.set_defaults(func=_serve)
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a number above zero, or an error that names the value."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """`modeldeploy run [flags]`; `argv` excludes `run`."""
+    settings = settings_from(sys.argv[1:] if argv is None else argv)
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _positive_float(text)
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number")
-    return int(value)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modeldeploy", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    cluster = commands.add_parser(
-        "cluster", help="a local Kubernetes control plane (etcd, apiserver, KWOK nodes)"
-    )
-    cluster.add_argument(
-        "action",
-        choices=["up", "down", "kubeconfig", "build", "run-pods"],
-        help="up: start (idempotent), down: stop and delete, kubeconfig: print its path, "
-        "build: only build the binaries, run-pods: run real runtime processes behind the "
-        "simulated runtime pods (foreground)",
-    )
-    cluster.add_argument("--namespace", help="run-pods: only this namespace's pods")
-    cluster.set_defaults(func=_cluster)
-    _add_run(commands)
-    _add_serve(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return int(args.func(args))
+        return run(settings)
     except RuntimeError as error:
         print(f"modeldeploy: {error}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,12 +12,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
 from modeldeploy_operator import opmetrics, telemetry
+from modeldeploy_operator import spec as api
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class MetricsWriter:
         if summary is None:
             opmetrics.METRICS_COLLECTIONS.labels(source, "no_data").inc()
             return
-        new = summary.as_status(_now())
+        new = summary.as_status(api.now())
         if not telemetry.changed_materially(written, new):
             opmetrics.METRICS_COLLECTIONS.labels(source, "unchanged").inc()
             return
@@ -226,5 +226,46 @@ class MetricsWriter:
             self.source.forget(namespace, name)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+Key = tuple[str, str]
+
+
+class MetricsLoop:
+    """Every interval, status.metrics of every ModelDeployment, from one loop.
+
+    One loop rather than a kopf timer per object: kopf puts a finalizer on objects with
+    timers, which is a write per object and something for GitOps tools to trip over.
+    """
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        pods: Mapping[Key, Iterable[Mapping[str, Any]]],
+        http_port: int,
+        concurrency: int = 32,
+    ) -> None:
+        self.writer = writer
+        self._pods = pods
+        self._http_port = http_port
+        self._limit = asyncio.Semaphore(concurrency)
+        # ModelDeployment -> (model name, its status.metrics as last seen)
+        self._targets: dict[Key, tuple[str, Mapping[str, Any] | None]] = {}
+
+    def track(self, key: Key, model: str, written: Mapping[str, Any] | None) -> None:
+        self._targets[key] = (model, written)
+
+    def forget(self, key: Key) -> None:
+        self._targets.pop(key, None)
+        self.writer.forget(*key)
+
+    async def _one(self, key: Key, model: str, written: Mapping[str, Any] | None) -> None:
+        urls = ready_pod_urls(list(self._pods.get(key, [])), self._http_port)
+        async with self._limit:
+            await self.writer.collect(Target(key[0], key[1], model, urls), written)
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            targets = list(self._targets.items())
+            await asyncio.gather(*(self._one(key, *value) for key, value in targets))
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, self.writer.interval - elapsed))

@@ -1,30 +1,67 @@
-"""kopf wiring: settings, watches and in-memory indexes, and thin handlers.
+"""kopf wiring: settings, watches and in-memory indexes, and handlers that only queue work.
 
-Every handler only gathers what the watches saw and hands it to the reconciler. Children and
-pods are watched (by the managed-by label) and indexed by their ModelDeployment, so reconciling
-reads nothing from the API server, and a child edited or deleted by hand triggers a reconcile
-of its owner at once.
+Every watch event only puts the key of the ModelDeployment it concerns into a work queue and
+returns; a few workers take keys and hand the ModelDeployment and what the indexes hold of its
+children and pods to the reconciler (level-based: whatever changed, the whole object is
+converged). Children and pods are watched (by the managed-by label) and indexed by their
+ModelDeployment, so reconciling reads nothing from the API server, and a child edited or deleted
+by hand triggers a reconcile of its owner at once.
+
+Memory: at a thousand ModelDeployments the operator's memory is what is in flight, not what is
+stored. kopf decodes every watch event into a body and keeps it while the object's handlers run;
+handlers that waited for a reconcile kept a thousand bodies (and, with kopf's change-detection
+handlers, a thousand status patches on as many TLS connections) alive at once. So nothing waits
+in a handler, kopf writes nothing (no change-detection handlers, no bookkeeping), and the indexes
+hold only what the reconciler and the status computation read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
-import os
-import time
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from modeldeploy_operator import builders, collect, kube, reconcile
+from modeldeploy_contract import paths
+from modeldeploy_operator import builders, collect, kube, reconcile, workqueue
+from modeldeploy_operator import settings as config
 from modeldeploy_operator import spec as api
 
-DEFAULT_RUNTIME_IMAGE = "ghcr.io/modeldeploy/modeldeploy-runtime:0.1.0"
 POD = builders.Kind("v1", "Pod", "pods")
 _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
 _CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
+Key = tuple[str, str]
+Queue = workqueue.WorkQueue[Key, builders.Kind]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """What the handlers act with, made once at startup."""
+
+    reconciler: reconcile.Reconciler
+    queue: Queue
+    metrics: collect.MetricsLoop
+    executor: concurrent.futures.ThreadPoolExecutor
+    tasks: list[asyncio.Task[None]]
+
+
+def memo(settings: config.OperatorSettings) -> kopf.Memo:
+    """The memo `modeldeploy run` starts kopf with: its validated settings. Started any other way
+    (`kopf run -m modeldeploy_operator.handlers`), the operator reads them from the environment."""
+    return kopf.Memo(settings=settings)
+
+
+def _dependencies(memo: kopf.Memo) -> Dependencies:
+    dependencies: Dependencies = memo.dependencies
+    return dependencies
 
 
 def _index_id(kind: builders.Kind) -> str:
@@ -32,16 +69,8 @@ def _index_id(kind: builders.Kind) -> str:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    # kopf's bookkeeping goes into status, not annotations, so GitOps tools see no drift.
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
-        field="status.kopf.lastHandledConfiguration"
-    )
-    settings.persistence.progress_storage = kopf.StatusProgressStorage(
-        field="status.kopf.progress", touch_field="status.kopf.dummy"
-    )
-    # kopf would post an Event per handler run, a write on every resync; the reconciler posts
-    # Events on transitions only.
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf would post an Event per handler run; the reconciler posts Events on transitions only.
     settings.posting.enabled = False
     # Peering would write a KopfPeering object every minute; `modeldeploy run` elects one active
     # replica with a Lease instead (leader.py), before kopf starts.
@@ -49,95 +78,138 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
     # logs the 403s and falls back to what it does now: namespaces given by exact name only.
     settings.scanning.disabled = True
+    # An object's kopf worker (and the last body it saw) lingers this long after its last event.
+    settings.queueing.idle_timeout = 1.0
+
+
+@kopf.on.startup()
+async def start(memo: kopf.Memo, **indexes: Any) -> None:
+    operator: config.OperatorSettings = memo.get("settings") or config.OperatorSettings()
     client = kube.Kube.from_environment()
-    memo["reconciler"] = reconcile.Reconciler(
-        client, _setting(memo, "runtime_image", DEFAULT_RUNTIME_IMAGE)
-    )
-    prometheus_url = _setting(memo, "prometheus_url", "")
     source: collect.Source = (
-        collect.PrometheusSource(prometheus_url, int(_setting(memo, "metrics_window", "60")))
-        if prometheus_url
+        collect.PrometheusSource(operator.prometheus_url, operator.metrics_window)
+        if operator.prometheus_url
         else collect.DirectSource()
     )
 
     async def write(namespace: str, name: str, metrics: dict[str, Any]) -> None:
         await asyncio.to_thread(client.patch_status, namespace, name, {"metrics": metrics})
 
-    interval = float(_setting(memo, "metrics_interval", "30"))
-    memo["metrics_writer"] = collect.MetricsWriter(source, write, interval)
-    # Resource handlers get a shallow copy of this memo: share state through containers in it.
-    memo["metrics_targets"] = {}
-    memo["indexes"] = {}
+    writer = collect.MetricsWriter(source, write, operator.metrics_interval)
+    # The indexes are live views: the workers and the metrics loop read them as the watches
+    # last saw them (kopf runs no handler before every index is filled).
+    metrics = collect.MetricsLoop(writer, indexes[_index_id(POD)], paths.HTTP_PORT)
+    reconciler = reconcile.Reconciler(client, operator.runtime_image)
+    queue: Queue = workqueue.WorkQueue()
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"
+    )
+
+    async def handle(key: Key, gone: set[builders.Kind]) -> None:
+        await _reconcile(reconciler, executor, indexes, key, gone)
+
+    def failed(key: Key, error: BaseException, retry_in: float) -> None:
+        logger.error("reconciling %s/%s failed (retry in %.1fs): %s", *key, retry_in, error)
+
+    workers = [queue.work(handle, failed) for _ in range(operator.reconcile_workers)]
+    # Resource handlers get a shallow copy of this memo: the dependencies are shared.
+    memo.dependencies = Dependencies(
+        reconciler=reconciler,
+        queue=queue,
+        metrics=metrics,
+        executor=executor,
+        tasks=[asyncio.create_task(metrics.run()), *map(asyncio.create_task, workers)],
+    )
 
 
-def _setting(memo: Any, name: str, default: str) -> str:
-    """`modeldeploy run` puts its flags into the memo; else MODELDEPLOY_<NAME>, else default."""
-    value = memo.get(name) or os.environ.get(f"MODELDEPLOY_{name.upper()}") or default
-    return str(value)
+async def _reconcile(
+    reconciler: reconcile.Reconciler,
+    executor: concurrent.futures.Executor,
+    indexes: Mapping[str, Any],
+    key: Key,
+    gone: set[builders.Kind],
+) -> None:
+    """One reconcile, from what the indexes hold now (read here, on the event loop)."""
+    mds = list(indexes["model_deployments_index"].get(key, []))
+    if not mds:
+        return  # deleted meanwhile: the garbage collector removes the children
+    md = mds[0]
+    observed = _observed(indexes, key, md["metadata"]["uid"])
 
+    def run() -> None:
+        current: api.Object | None = md
+        if gone:
+            # The owner may be gone already with its deletion not yet seen by our watch: do not
+            # recreate a child the garbage collector just removed.
+            current = reconciler.reread(*key)
+        if current is not None:
+            reconciler.reconcile(current, observed, gone=gone)
 
-@kopf.on.startup()
-async def start_metrics(memo: Any, **_: Any) -> None:
-    memo["metrics_task"] = asyncio.create_task(_summarise_metrics(memo))
+    await asyncio.get_running_loop().run_in_executor(executor, run)
 
 
 @kopf.on.cleanup()
-async def stop_metrics(memo: Any, **_: Any) -> None:
-    memo["metrics_task"].cancel()
-    await memo["metrics_writer"].source.close()
-
-
-async def _summarise_metrics(memo: Any) -> None:
-    """Every interval, status.metrics of every ModelDeployment, from one loop.
-
-    One loop rather than a kopf timer per object: kopf puts a finalizer on objects with
-    timers, which is a write per object and something for GitOps tools to trip over.
-    """
-    writer: collect.MetricsWriter = memo["metrics_writer"]
-    limit = asyncio.Semaphore(32)
-
-    async def one(key: tuple[str, str], model: str, written: dict[str, Any] | None) -> None:
-        pods = list(memo["indexes"].get(POD, {}).get(key, []))
-        urls = collect.ready_pod_urls(pods, builders.HTTP_PORT)
-        async with limit:
-            await writer.collect(collect.Target(key[0], key[1], model, urls), written)
-
-    while True:
-        started = time.monotonic()
-        targets = list(memo["metrics_targets"].items())
-        await asyncio.gather(*(one(key, *value) for key, value in targets))
-        await asyncio.sleep(max(0.0, writer.interval - (time.monotonic() - started)))
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    dependencies = _dependencies(memo)
+    await dependencies.queue.close()
+    for task in dependencies.tasks:
+        task.cancel()
+    await dependencies.metrics.writer.source.close()
+    dependencies.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # In a pod the service account; elsewhere $KUBECONFIG as it is now (kopf's default handler
-    # goes through the client library, which reads it only once, when first imported).
+    # In a pod the service account; elsewhere $KUBECONFIG as it is now.
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    # kopf's bodies are live views; the indexes keep a snapshot.
-    return copy.deepcopy(dict(body))
+def _slim_model_deployment(body: kopf.Body) -> api.Object:
+    """What reconciling reads of a ModelDeployment: its identity, spec and our status keys."""
+    meta = body.metadata
+    metadata = {
+        key: meta[key]
+        for key in ("name", "namespace", "uid", "generation", "deletionTimestamp")
+        if key in meta
+    }
+    status = {k: copy.deepcopy(v) for k, v in body.status.items() if k != "kopf"}
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": metadata,
+        "spec": copy.deepcopy(dict(body.spec)),
+        "status": status,
+    }
+
+
+def _slim_child(body: kopf.Body, keep_status: bool) -> api.Object:
+    """A child as the diff reads it: without managedFields (often the largest part), and without
+    status unless the status computation reads it (the Deployment's)."""
+    child = {k: copy.deepcopy(v) for k, v in body.items() if k != "status" or keep_status}
+    child["metadata"].pop("managedFields", None)
+    return child
 
 
 @kopf.index(*_MD)
 def model_deployments_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(namespace or "", name): _plain(body)}
+) -> dict[Key, api.Object]:
+    return {(namespace or "", name): _slim_model_deployment(body)}
 
 
-def _index_by_owner(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+def _index_child(
+    resource: kopf.Resource, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, api.Object]:
     instance = labels.get(builders.LABEL_INSTANCE)
-    return {(namespace or "", instance): _plain(body)} if instance else {}
+    if not instance:
+        return {}
+    keep_status = resource.plural == builders.DEPLOYMENT.plural
+    return {(namespace or "", instance): _slim_child(body, keep_status)}
 
 
 def _index_pod(
     namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+) -> dict[Key, api.Object]:
     instance = labels.get(builders.LABEL_INSTANCE)
     if not instance:
         return {}
@@ -145,7 +217,11 @@ def _index_pod(
     summary = {
         "metadata": {
             "name": meta.get("name"),
-            "annotations": dict(meta.get("annotations", {})),
+            "annotations": {
+                k: v
+                for k, v in meta.get("annotations", {}).items()
+                if k == builders.ANNOTATION_MODEL_DIGEST
+            },
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
         "status": copy.deepcopy(dict(status)),
@@ -154,85 +230,64 @@ def _index_pod(
 
 
 for _kind in builders.CHILD_KINDS:
-    kopf.index(_kind.api_version, _kind.plural, labels=_MANAGED, id=_index_id(_kind))(
-        _index_by_owner
-    )
+    kopf.index(_kind.api_version, _kind.plural, labels=_MANAGED, id=_index_id(_kind))(_index_child)
 kopf.index(POD.api_version, POD.plural, labels=_MANAGED, id=_index_id(POD))(_index_pod)
 
 
-def _observed(indexes: Mapping[str, Any], key: tuple[str, str], uid: str) -> reconcile.Observed:
+def _observed(indexes: Mapping[str, Any], key: Key, uid: str) -> reconcile.Observed:
     children = {}
     for kind in builders.CHILD_KINDS:
         candidates = list(indexes[_index_id(kind)].get(key, []))
         # After a delete and re-create under the same name, the old children linger until the
         # garbage collector gets to them: prefer the ones owned by this object.
-        owned = [c for c in candidates if _owned_by(c, uid)]
+        owned = [c for c in candidates if builders.owned_by(c, uid)]
         if owned or candidates:
             children[kind] = (owned or candidates)[0]
     return reconcile.Observed(children=children, pods=list(indexes[_index_id(POD)].get(key, [])))
 
 
-def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", []))
-
-
-@kopf.on.resume(*_MD, id="resume")
-@kopf.on.create(*_MD, id="create")
-@kopf.on.update(*_MD, id="update")
-def model_deployment_changed(
-    body: kopf.Body, namespace: str | None, name: str, uid: str, memo: Any, **kwargs: Any
-) -> None:
-    reconciler: reconcile.Reconciler = memo["reconciler"]
-    reconciler.reconcile(body, _observed(kwargs, (namespace or "", name), uid))
-
-
-@kopf.on.event(*_MD, id="forget")
-def model_deployment_event(
+@kopf.on.event(*_MD, id="model_deployment_changed")
+async def model_deployment_event(
     event: kopf.RawEvent,
     namespace: str | None,
     name: str,
+    meta: kopf.Meta,
     spec: kopf.Spec,
     status: kopf.Status,
-    memo: Any,
-    **kwargs: Any,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     key = (namespace or "", name)
+    dependencies = _dependencies(memo)
     if event["type"] == "DELETED":
-        reconciler: reconcile.Reconciler = memo["reconciler"]
-        reconciler.forget(*key)
-        memo["metrics_targets"].pop(key, None)
-        memo["metrics_writer"].forget(*key)
+        dependencies.reconciler.forget(*key)
+        dependencies.queue.forget(key)
+        dependencies.metrics.forget(key)
         return
-    # What the metrics loop needs; the pods index is a live view, kept once.
-    memo["indexes"].setdefault(POD, kwargs[_index_id(POD)])
     model = spec.get("model", {}).get("name") or name
-    memo["metrics_targets"][key] = (model, copy.deepcopy(status.get("metrics")))
+    dependencies.metrics.track(key, model, copy.deepcopy(status.get("metrics")))
+    # Listed at startup, just created, or a new generation; not our own status writes.
+    if event["type"] in (None, "ADDED") or status.get("observedGeneration") != meta.get(
+        "generation"
+    ):
+        await dependencies.queue.add(key)
 
 
-def _child_changed(
+async def _child_changed(
     event: kopf.RawEvent,
     resource: kopf.Resource,
     namespace: str | None,
     labels: kopf.Labels,
-    memo: Any,
-    **kwargs: Any,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
-    # The initial listing (type None) needs nothing: the resume handlers cover every object.
+    # The initial listing (type None) needs nothing: listing the ModelDeployments queues them all.
     change = event["type"]
     instance = labels.get(builders.LABEL_INSTANCE)
     if change is None or not instance or not namespace:
         return
-    reconciler: reconcile.Reconciler = memo["reconciler"]
-    key = (namespace, instance)
-    mds = list(kwargs["model_deployments_index"].get(key, []))
-    md: dict[str, Any] | None = mds[0] if mds else None
     gone = _CHILD_KINDS_BY_PLURAL.get(resource.plural) if change == "DELETED" else None
-    if gone is not None and md is not None:
-        # The owner may be gone already with its deletion not yet seen by our watch: do not
-        # recreate a child the garbage collector just removed.
-        md = reconciler.reread(namespace, instance)
-    if md is not None:
-        reconciler.reconcile(md, _observed(kwargs, key, md["metadata"]["uid"]), gone=gone)
+    await _dependencies(memo).queue.add((namespace, instance), gone)
 
 
 for _kind in (*builders.CHILD_KINDS, POD):

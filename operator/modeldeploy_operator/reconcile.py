@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,6 @@ import pydantic
 from modeldeploy_operator import builders, diff, kube, opmetrics, status
 from modeldeploy_operator import spec as api
 
-Object = dict[str, Any]
 Key = tuple[str, str]
 # Status keys other writers own: kopf's bookkeeping, and the metrics summary.
 _FOREIGN_STATUS = frozenset({"kopf", "metrics"})
@@ -31,8 +30,8 @@ logger = logging.getLogger(__name__)
 class Observed:
     """The children and pods of one ModelDeployment, as the watches last saw them."""
 
-    children: Mapping[builders.Kind, Object] = field(default_factory=dict)
-    pods: list[Object] = field(default_factory=list)
+    children: Mapping[builders.Kind, api.Object] = field(default_factory=dict)
+    pods: list[api.Object] = field(default_factory=list)
 
 
 class Reconciler:
@@ -43,8 +42,8 @@ class Reconciler:
         self._locks: dict[Key, threading.Lock] = {}
         # What this process last wrote, per object. The watches deliver it back a little later;
         # until then what they show is stale, and acting on it alone would write twice.
-        self._written: dict[Key, Object] = {}
-        self._applied: dict[tuple[Key, builders.Kind], Object] = {}
+        self._written: dict[Key, api.Object] = {}
+        self._applied: dict[tuple[Key, builders.Kind], api.Object] = {}
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -54,7 +53,7 @@ class Reconciler:
             for kind in builders.CHILD_KINDS:
                 self._applied.pop((key, kind), None)
 
-    def reread(self, namespace: str, name: str) -> Object | None:
+    def reread(self, namespace: str, name: str) -> api.Object | None:
         return self._kube.get_model_deployment(namespace, name)
 
     def _lock(self, key: Key) -> threading.Lock:
@@ -62,16 +61,16 @@ class Reconciler:
             return self._locks.setdefault(key, threading.Lock())
 
     def reconcile(
-        self, md: Mapping[str, Any], observed: Observed, gone: builders.Kind | None = None
+        self, md: Mapping[str, Any], observed: Observed, gone: Collection[builders.Kind] = ()
     ) -> None:
-        """Converges one object; `gone` names a child kind just seen deleted."""
+        """Converges one object; `gone` names the child kinds just seen deleted."""
         metadata = md["metadata"]
         if metadata.get("deletionTimestamp"):
             return  # the garbage collector removes the children
         key = (metadata["namespace"], metadata["name"])
         with self._lock(key), opmetrics.RECONCILE_DURATION.time():
-            if gone is not None:
-                self._applied.pop((key, gone), None)
+            for kind in gone:
+                self._applied.pop((key, kind), None)
             latest = {
                 kind: child
                 for kind in builders.CHILD_KINDS
@@ -84,7 +83,7 @@ class Reconciler:
                 raise
             opmetrics.RECONCILES.labels("success" if valid else "invalid").inc()
 
-    def _latest(self, key: Key, kind: builders.Kind, seen: Object | None) -> Object | None:
+    def _latest(self, key: Key, kind: builders.Kind, seen: api.Object | None) -> api.Object | None:
         """The newer of what the watch shows and what our last apply returned."""
         applied = self._applied.get((key, kind))
         if applied is None:
@@ -102,9 +101,7 @@ class Reconciler:
         try:
             spec = api.ModelDeploymentSpec.model_validate(md.get("spec") or {})
         except pydantic.ValidationError as error:
-            spec_error = "; ".join(
-                f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
-            )
+            spec_error = api.problems(error)
 
         children = dict(observed.children)
         if spec is not None:
@@ -115,7 +112,7 @@ class Reconciler:
                     raise
                 apply_error = kube.error_message(error)
 
-        stored: Object = md.get("status") or {}
+        stored: api.Object = md.get("status") or {}
         previous = self._written.get(key) or stored
         observation = status.Observation(
             owner=owner,
@@ -127,14 +124,14 @@ class Reconciler:
             pods=observed.pods,
             previous=previous.get("conditions", []),
         )
-        computed = status.compute(observation, kube.now())
+        computed = status.compute(observation, api.now())
         new = computed.model_dump(by_alias=True, exclude_none=True, mode="json")
         ours = {k: v for k, v in stored.items() if k not in _FOREIGN_STATUS}
         valid = spec_error is None and apply_error is None
         if new in (ours, self._written.get(key)):
             return valid
         # A merge patch keeps the foreign keys; keys we no longer set are removed with null.
-        patch: Object = {k: None for k in ours if k not in new} | new
+        patch: api.Object = {k: None for k in ours if k not in new} | new
         self._kube.patch_status(owner.namespace, owner.name, patch)
         self._written[key] = new
         event = status.transition(previous.get("conditions", []), computed)
@@ -147,9 +144,9 @@ class Reconciler:
         key: Key,
         owner: builders.Owner,
         spec: api.ModelDeploymentSpec,
-        observed: dict[builders.Kind, Object],
+        observed: dict[builders.Kind, api.Object],
         converged: bool,
-    ) -> dict[builders.Kind, Object]:
+    ) -> dict[builders.Kind, api.Object]:
         """Applies what differs, deletes what is unwanted; returns the children as they are now.
 
         `converged`: this generation was reconciled before, so a missing or differing child
@@ -163,11 +160,14 @@ class Reconciler:
             if action in (diff.Action.CREATE, diff.Action.UPDATE):
                 assert want is not None
                 logger.info("%s %s %s/%s", action.value, kind.kind, owner.namespace, owner.name)
-                current[kind] = self._applied[(key, kind)] = self._kube.apply(kind, want)
+                applied = self._kube.apply(kind, want)
+                # Kept until the watch shows it: without managedFields, as the indexes keep it.
+                applied.get("metadata", {}).pop("managedFields", None)
+                current[kind] = self._applied[(key, kind)] = applied
                 opmetrics.CHILDREN.labels(kind.kind, _child_action(want, have, converged)).inc()
             elif action is diff.Action.DELETE:
                 assert have is not None
-                if not _owned_by(have, owner.uid):
+                if not builders.owned_by(have, owner.uid):
                     continue
                 logger.info("delete %s %s/%s", kind.kind, owner.namespace, owner.name)
                 self._kube.delete(kind, owner.namespace, owner.name, have["metadata"]["uid"])
@@ -182,7 +182,7 @@ def _converged(md: Mapping[str, Any]) -> bool:
     return bool(observed_generation == md["metadata"].get("generation"))
 
 
-def _child_action(want: Object, have: Object | None, converged: bool) -> str:
+def _child_action(want: api.Object, have: api.Object | None, converged: bool) -> str:
     """created / updated for spec changes, repaired when someone else changed the child."""
     if have is None:
         return "repaired" if converged else "created"
@@ -194,11 +194,7 @@ def _child_action(want: Object, have: Object | None, converged: bool) -> str:
     return "repaired" if same_spec else "updated"
 
 
-def _owned_by(obj: Object, uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", []))
-
-
-def _revision(obj: Object) -> int:
+def _revision(obj: api.Object) -> int:
     # resourceVersions are opaque by contract, but etcd's are increasing integers; comparing
     # them is what tells a lagging watch from a newer change.
     try:

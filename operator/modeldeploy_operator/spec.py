@@ -3,17 +3,20 @@
 These models are the one source of truth for the CRD: `crd.py` generates the OpenAPI schema
 (descriptions, defaults, CEL rules) from them, and the operator parses every object with them.
 The CEL rules run in the API server; the Python validators repeat them for objects that never
-went through it (for example `modeldeploy serve -f md.yaml`). This module imports nothing else
-of ours.
+went through it (for example `modeldeploy serve -f md.yaml`). Of ours, this module imports only
+the operator-runtime contract, whose values and patterns it enforces.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from modeldeploy_contract import paths, values
 
 GROUP = "modeldeploy.io"
 VERSION = "v1alpha1"
@@ -21,12 +24,15 @@ KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 SHORT_NAME = "md"
 
-URI_SCHEMES = ("https", "http", "s3", "gs", "pvc", "file")
+URI_SCHEMES = values.URI_SCHEMES
 _URI_PATTERN = rf"^({'|'.join(URI_SCHEMES)})://.+$"
 _URI_MESSAGE = "must start with one of " + ", ".join(f"{s}://" for s in URI_SCHEMES)
-_SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+_SHA256_PATTERN = values.SHA256_PATTERN
 _URI_MAX_LENGTH = 2048
 
+# A Kubernetes object as plain JSON.
+Object = dict[str, Any]
+# The values of the contract's QUANTIZATIONS; a test checks that they agree.
 Quantization = Literal["none", "dynamic-int8", "static-int8", "fp16"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 _INT8_ON_GPU = (
@@ -66,9 +72,25 @@ def _validations(*rules: dict[str, str]) -> dict[str, Any]:
 
 
 def _check_uri(value: str | None) -> str | None:
-    if value is not None and not re.match(_URI_PATTERN, value):
+    if value is None:
+        return value
+    if not re.match(_URI_PATTERN, value):
         raise ValueError(_URI_MESSAGE)
+    try:
+        paths.artifact_name(value)
+    except ValueError as error:
+        raise ValueError(f"{error}: the path must end in the file's name") from None
     return value
+
+
+def now() -> str:
+    """The current time as the API server writes timestamps (RFC 3339, UTC, seconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def problems(error: ValidationError, prefix: str = "spec") -> str:
+    """A validation error as one line: `spec.model.uri: <message>; ...`."""
+    return "; ".join(f"{prefix}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
 
 
 class _Model(BaseModel):
@@ -107,8 +129,8 @@ class ModelSource(_Model):
     )
     name: str | None = Field(
         default=None,
-        max_length=63,
-        pattern=r"^[A-Za-z0-9_.-]+$",
+        max_length=values.MODEL_NAME_MAX_LENGTH,
+        pattern=values.MODEL_NAME_PATTERN,
         description="Name under /v2/models/<name>; defaults to metadata.name.",
     )
     max_size_bytes: int | None = Field(
@@ -149,7 +171,10 @@ class RuntimeSettings(_Model):
         description="Runtime image; defaults to the operator's configured runtime image.",
     )
     max_batch_size: int = Field(
-        default=32, ge=1, le=4096, description="Largest batch the dynamic batcher forms."
+        default=values.MAX_BATCH_SIZE,
+        ge=1,
+        le=4096,
+        description="Largest batch the dynamic batcher forms.",
     )
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None,
@@ -160,13 +185,13 @@ class RuntimeSettings(_Model):
         "size (no padding) on CPU.",
     )
     max_batch_delay_ms: int = Field(
-        default=5,
+        default=values.MAX_BATCH_DELAY_MS,
         ge=0,
         le=10_000,
         description="Longest time a request waits for others to share its batch.",
     )
     max_queue_size: int = Field(
-        default=1024,
+        default=values.MAX_QUEUE_SIZE,
         ge=1,
         le=1_000_000,
         description="Queued requests beyond this get 429 / RESOURCE_EXHAUSTED.",
@@ -191,7 +216,7 @@ class RuntimeSettings(_Model):
         "before the pod is Ready.",
     )
     threads: int = Field(
-        default=0,
+        default=values.THREADS,
         ge=0,
         le=1024,
         description="Inference threads; 0 derives them from the CPU limit.",

@@ -12,7 +12,6 @@ from typing import Any
 from modeldeploy_operator import builders
 from modeldeploy_operator import spec as api
 
-Object = dict[str, Any]
 _MESSAGE_LIMIT = 1024
 # Deployment condition reason that means the rollout gave up (progressDeadlineSeconds passed).
 _DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
@@ -29,9 +28,9 @@ class Observation:
     spec: api.ModelDeploymentSpec | None
     spec_error: str | None = None
     apply_error: str | None = None
-    deployment: Object | None = None
-    pods: list[Object] = field(default_factory=list)
-    previous: list[Object] = field(default_factory=list)
+    deployment: api.Object | None = None
+    pods: list[api.Object] = field(default_factory=list)
+    previous: list[api.Object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def compute(observation: Observation, now: str) -> api.ModelDeploymentStatus:
     )
 
 
-def transition(previous: list[Object], current: api.ModelDeploymentStatus) -> Event | None:
+def transition(previous: list[api.Object], current: api.ModelDeploymentStatus) -> Event | None:
     """The Event to emit: readiness changed, or a problem someone must act on appeared."""
     before = next((c for c in previous if c.get("type") == "Ready"), {})
     ready = next(c for c in current.conditions if c.type == "Ready")
@@ -102,7 +101,7 @@ def transition(previous: list[Object], current: api.ModelDeploymentStatus) -> Ev
 
 
 def _condition(
-    kind: str, value: bool, reason: str, message: str, previous: dict[Any, Object], now: str
+    kind: str, value: bool, reason: str, message: str, previous: dict[Any, api.Object], now: str
 ) -> api.Condition:
     status: api.ConditionStatus = "True" if value else "False"
     before = previous.get(kind, {})
@@ -116,7 +115,7 @@ def _condition(
     )
 
 
-def _desired_replicas(spec: api.ModelDeploymentSpec, deployment: Object | None) -> int:
+def _desired_replicas(spec: api.ModelDeploymentSpec, deployment: api.Object | None) -> int:
     if spec.autoscaling is not None:
         replicas: int = (deployment or {}).get("spec", {}).get("replicas", 0)
         return replicas
@@ -164,7 +163,7 @@ def _verdict(observation: Observation) -> Verdict:
     return _waiting(current_pods, progress)
 
 
-def _pod_failure(pods: list[Object]) -> Verdict | None:
+def _pod_failure(pods: list[api.Object]) -> Verdict | None:
     """A pod of the current model whose model cannot be fetched or loaded, or image pulled."""
     for pod in pods:
         pod_status = pod.get("status", {})
@@ -198,7 +197,7 @@ def _pod_failure(pods: list[Object]) -> Verdict | None:
     return None
 
 
-def _waiting(pods: list[Object], progress: str) -> Verdict:
+def _waiting(pods: list[api.Object], progress: str) -> Verdict:
     """Why a rollout is not done yet, from the first pod that says so."""
     for pod in pods:
         pod_status = pod.get("status", {})

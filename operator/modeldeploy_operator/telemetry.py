@@ -1,6 +1,6 @@
 """Summarising the runtime pods' Prometheus metrics into `status.metrics` (pure functions).
 
-The runtime exports cumulative counters and histograms (see modeldeploy_runtime.metrics). From
+The runtime exports cumulative counters and histograms (names in modeldeploy_contract.metrics). From
 two scrapes of the same pod the difference gives what happened in between; a counter that went
 down means the pod restarted, and then its current value is what happened since. The windows of
 all ready pods are added up, and quantiles are read off the summed latency histogram the way
@@ -16,10 +16,12 @@ from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-REQUESTS = "modeldeploy_requests"
-LATENCY = "modeldeploy_request_duration_seconds"
-BATCH_SIZE = "modeldeploy_batch_size"
-SUCCESS = "success"
+from modeldeploy_contract import metrics
+
+REQUESTS = metrics.REQUESTS
+LATENCY = metrics.REQUEST_DURATION
+BATCH_SIZE = metrics.BATCH_SIZE
+SUCCESS = metrics.OUTCOME_SUCCESS
 
 # What "changed materially" means: a write for less is noise that would cost an API call.
 _RELATIVE_CHANGE = 0.10

@@ -17,6 +17,7 @@ from typing import Any
 
 import pydantic
 
+from modeldeploy_contract import flags
 from modeldeploy_runtime import fetch, settings
 
 logger = logging.getLogger("modeldeploy_runtime")
@@ -24,73 +25,112 @@ logger = logging.getLogger("modeldeploy_runtime")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="modeldeploy-runtime",
+        prog=flags.COMMAND,
         description="Fetch and serve one ONNX model over the Open Inference Protocol.",
         epilog="Every flag can also be set as MODELDEPLOY_<FLAG>, e.g. MODELDEPLOY_MAX_BATCH_SIZE.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    get = commands.add_parser("fetch", help="download a model, verify its sha256, write it to DIR")
-    get.add_argument("--uri", help="https://, http://, s3://, gs://, pvc://<claim>/<path>, file://")
-    get.add_argument("--sha256", help="expected hex digest; a mismatch exits non-zero")
-    get.add_argument("--dest", metavar="DIR", help="directory to write the model into")
-    get.add_argument("--max-bytes", type=int, help="fail when the file is larger than this")
+    get = commands.add_parser(
+        flags.FETCH, help="download a model, verify its sha256, write it to DIR"
+    )
+    get.add_argument(
+        flags.flag(flags.URI), help="https://, http://, s3://, gs://, pvc://<claim>/<path>, file://"
+    )
+    get.add_argument(
+        flags.flag(flags.SHA256), help="expected hex digest; a mismatch exits non-zero"
+    )
+    get.add_argument(
+        flags.flag(flags.DEST), metavar="DIR", help="directory to write the model into"
+    )
+    get.add_argument(
+        flags.flag(flags.MAX_BYTES), type=int, help="fail when the file is larger than this"
+    )
 
-    run = commands.add_parser("serve", help="serve a model over HTTP and gRPC")
-    run.add_argument("--model-path", metavar="P", help="the .onnx file")
-    run.add_argument("--model-name", metavar="N", help="name under /v2/models/<name>")
-    run.add_argument("--model-version", metavar="V", help="version reported (default 1)")
-    run.add_argument("--quantization", choices=[q.value for q in settings.Quantization])
-    run.add_argument("--calibration-path", metavar="C", help=".npz of sample inputs")
-    run.add_argument("--max-batch-size", type=int, help="examples per batch (default 32)")
+    run = commands.add_parser(flags.SERVE, help="serve a model over HTTP and gRPC")
+    run.add_argument(flags.flag(flags.MODEL_PATH), metavar="P", help="the .onnx file")
+    run.add_argument(flags.flag(flags.MODEL_NAME), metavar="N", help="name under /v2/models/<name>")
     run.add_argument(
-        "--batch-sizes",
+        flags.flag(flags.MODEL_VERSION), metavar="V", help="version reported (default 1)"
+    )
+    run.add_argument(
+        flags.flag(flags.QUANTIZATION), choices=[q.value for q in settings.Quantization]
+    )
+    run.add_argument(flags.flag(flags.CALIBRATION_PATH), metavar="C", help=".npz of sample inputs")
+    run.add_argument(
+        flags.flag(flags.MAX_BATCH_SIZE), type=int, help="examples per batch (default 32)"
+    )
+    run.add_argument(
+        flags.flag(flags.BATCH_SIZES),
         metavar="1,2,4",
         help="sizes batches are padded to (default: powers of two on a GPU, all on CPU)",
     )
-    run.add_argument("--max-batch-delay-ms", type=float, help="longest wait to fill a batch (5)")
-    run.add_argument("--max-queue-size", type=int, help="queued requests before 429 (1024)")
-    run.add_argument("--max-queue-bytes", type=int, help="queued tensor bytes before 429")
-    run.add_argument("--workers", type=int, help="front-end processes; 0 = derive (default)")
-    run.add_argument("--threads", type=int, help="ONNX Runtime threads; 0 = the CPU limit")
-    run.add_argument("--device", choices=[d.value for d in settings.Device])
-    run.add_argument("--cudnn-conv-algo-search", choices=[s.value for s in settings.ConvAlgoSearch])
-    run.add_argument("--drain-seconds", type=float, help="serving on after SIGTERM, not ready (10)")
-    run.add_argument("--http-port", type=int, help="default 8080")
-    run.add_argument("--grpc-port", type=int, help="default 8081")
+    run.add_argument(
+        flags.flag(flags.MAX_BATCH_DELAY_MS), type=float, help="longest wait to fill a batch (5)"
+    )
+    run.add_argument(
+        flags.flag(flags.MAX_QUEUE_SIZE), type=int, help="queued requests before 429 (1024)"
+    )
+    run.add_argument(
+        flags.flag(flags.MAX_QUEUE_BYTES), type=int, help="queued tensor bytes before 429"
+    )
+    run.add_argument(
+        flags.flag(flags.WORKERS), type=int, help="front-end processes; 0 = derive (default)"
+    )
+    run.add_argument(
+        flags.flag(flags.THREADS), type=int, help="ONNX Runtime threads; 0 = the CPU limit"
+    )
+    run.add_argument(flags.flag(flags.DEVICE), choices=[d.value for d in settings.Device])
+    run.add_argument(
+        flags.flag(flags.CUDNN_CONV_ALGO_SEARCH), choices=[s.value for s in settings.ConvAlgoSearch]
+    )
+    run.add_argument(
+        flags.flag(flags.DRAIN_SECONDS), type=float, help="serving on after SIGTERM, not ready (10)"
+    )
+    run.add_argument(flags.flag(flags.HTTP_PORT), type=int, help="default 8080")
+    run.add_argument(flags.flag(flags.GRPC_PORT), type=int, help="default 8081")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str]) -> settings.FetchSettings | settings.ServeSettings:
+    """The settings of a command line plus the environment, as the runtime would run them.
+
+    Raises SystemExit on unknown flags (argparse) and pydantic.ValidationError on bad values.
+    """
     args = _parser().parse_args(argv)
+    given: dict[str, Any] = {
+        key: value for key, value in vars(args).items() if key != "command" and value is not None
+    }
+    if args.command == flags.FETCH:
+        return settings.FetchSettings(**given)
+    return settings.ServeSettings(**given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    given: dict[str, Any] = {
-        key: value for key, value in vars(args).items() if key != "command" and value is not None
-    }
     try:
-        if args.command == "fetch":
-            fetch_config = settings.FetchSettings(**given)
+        config = parse(sys.argv[1:] if argv is None else argv)
+        if isinstance(config, settings.FetchSettings):
             path = fetch.fetch(
-                fetch_config.uri,
-                fetch_config.dest,
-                fetch_config.sha256,
-                pvc_root=fetch_config.pvc_root,
-                max_bytes=fetch_config.max_bytes,
+                config.uri,
+                config.dest,
+                config.sha256,
+                pvc_root=config.pvc_root,
+                max_bytes=config.max_bytes,
             )
             print(path)
             return 0
-        serve_config = settings.ServeSettings(**given)
     except pydantic.ValidationError as error:
         logger.error("invalid settings:\n%s", error)
         return 2
     except fetch.FetchError as error:
         logger.error("%s", error)
         return 1
-    return _serve(serve_config)
+    return _serve(config)
 
 
 def _serve(config: settings.ServeSettings) -> int:

@@ -37,6 +37,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+from modeldeploy_contract import paths
+
 logger = logging.getLogger(__name__)
 
 ATTEMPTS = 5
@@ -174,9 +176,10 @@ def _fetch(
 ) -> Path:
     parts = urlsplit(uri)
     shown = redacted(uri)
-    name = PurePosixPath(unquote(parts.path)).name
-    if not name:
-        raise FetchError(f"{shown} does not name a file")
+    try:
+        name = paths.artifact_name(uri)
+    except ValueError as error:
+        raise FetchError(f"{shown} {error}") from None
     download = _downloader(parts, pvc_root)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / name

@@ -40,6 +40,8 @@ import os
 import prometheus_client as prom
 from prometheus_client import multiprocess
 
+from modeldeploy_contract import metrics as names
+
 # The per-series `_created` samples would double the exposition and nothing reads them.
 prom.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -55,10 +57,10 @@ class Protocol(enum.StrEnum):
 
 
 class Outcome(enum.StrEnum):
-    SUCCESS = "success"
-    CLIENT_ERROR = "client_error"
-    REJECTED = "rejected"
-    SERVER_ERROR = "server_error"
+    SUCCESS = names.OUTCOME_SUCCESS
+    CLIENT_ERROR = names.OUTCOME_CLIENT_ERROR
+    REJECTED = names.OUTCOME_REJECTED
+    SERVER_ERROR = names.OUTCOME_SERVER_ERROR
 
 
 class ModelMetrics:
@@ -68,62 +70,62 @@ class ModelMetrics:
         self.registry = prom.CollectorRegistry()
         r = self.registry
         self._requests = prom.Counter(
-            "modeldeploy_requests",
+            names.REQUESTS,
             "Inference requests by protocol and outcome.",
             ["model", "protocol", "outcome"],
             registry=r,
         )
         self._request_duration = prom.Histogram(
-            "modeldeploy_request_duration_seconds",
+            names.REQUEST_DURATION,
             "Server-side latency of inference requests.",
             ["model", "protocol"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = prom.Histogram(
-            "modeldeploy_batch_size",
+            names.BATCH_SIZE,
             "Examples per executed batch.",
             ["model"],
             buckets=_BATCH_BUCKETS,
             registry=r,
         ).labels(model_name)
         self.queue_duration = prom.Histogram(
-            "modeldeploy_queue_duration_seconds",
+            names.QUEUE_DURATION,
             "Time requests waited in the batch queue.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         ).labels(model_name)
         self.inference_duration = prom.Histogram(
-            "modeldeploy_inference_duration_seconds",
+            names.INFERENCE_DURATION,
             "Time of one ONNX Runtime run of a batch.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         ).labels(model_name)
         self.inflight = prom.Gauge(
-            "modeldeploy_inflight_requests",
+            names.INFLIGHT,
             "Inference requests being handled.",
             ["model"],
             registry=r,
             multiprocess_mode="livesum",
         ).labels(model_name)
         self._info = prom.Gauge(
-            "modeldeploy_model_info",
+            names.MODEL_INFO,
             "The served model; always 1.",
             ["model", "version", "quantization", "device"],
             registry=r,
             multiprocess_mode="livemax",
         )
         self._top1 = prom.Gauge(
-            "modeldeploy_quantization_top1_agreement",
+            names.QUANTIZATION_TOP1_AGREEMENT,
             "Top-1 agreement of the quantized model with FP32 on sample inputs.",
             ["model"],
             registry=r,
             multiprocess_mode="livemax",
         )
         self._max_abs_error = prom.Gauge(
-            "modeldeploy_quantization_max_abs_error",
+            names.QUANTIZATION_MAX_ABS_ERROR,
             "Largest absolute output difference of the quantized model against FP32.",
             ["model"],
             registry=r,

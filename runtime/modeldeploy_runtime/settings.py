@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import pydantic
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from modeldeploy_contract import flags, paths, values
+
 
 class Quantization(enum.StrEnum):
     NONE = "none"
@@ -40,42 +42,44 @@ class ConvAlgoSearch(enum.StrEnum):
     DEFAULT = "DEFAULT"
 
 
-_CONFIG = SettingsConfigDict(env_prefix="MODELDEPLOY_", frozen=True, extra="forbid")
+_CONFIG = SettingsConfigDict(env_prefix=flags.ENV_PREFIX, frozen=True, extra="forbid")
 
 
 class ServeSettings(BaseSettings):
     model_config = _CONFIG
 
     model_path: Path
-    model_name: str = pydantic.Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    model_version: str = pydantic.Field(default="1", min_length=1)
+    model_name: str = pydantic.Field(
+        min_length=1, max_length=values.MODEL_NAME_MAX_LENGTH, pattern=values.MODEL_NAME_PATTERN
+    )
+    model_version: str = pydantic.Field(default=values.DEFAULT_MODEL_VERSION, min_length=1)
     quantization: Quantization = Quantization.NONE
     calibration_path: Path | None = None
-    max_batch_size: int = pydantic.Field(default=32, ge=1)
+    max_batch_size: int = pydantic.Field(default=values.MAX_BATCH_SIZE, ge=1)
     # Every batch is padded up to one of these sizes, so the session only ever sees them.
     # None: powers of two up to max_batch_size on a GPU, every size (no padding) on CPU.
     batch_sizes: Annotated[tuple[int, ...] | None, NoDecode] = None
-    max_batch_delay_ms: float = pydantic.Field(default=5.0, ge=0)
-    max_queue_size: int = pydantic.Field(default=1024, ge=1)
+    max_batch_delay_ms: float = pydantic.Field(default=values.MAX_BATCH_DELAY_MS, ge=0)
+    max_queue_size: int = pydantic.Field(default=values.MAX_QUEUE_SIZE, ge=1)
     # Bytes of queued request tensors; beyond it requests get 429 / RESOURCE_EXHAUSTED.
     max_queue_bytes: int = pydantic.Field(default=256 * 1024 * 1024, ge=1024 * 1024)
-    threads: int = pydantic.Field(default=0, ge=0)
+    threads: int = pydantic.Field(default=values.THREADS, ge=0)
     # Front-end processes that accept and decode requests; 0 derives them (worker_count).
     workers: int = pydantic.Field(default=0, ge=0, le=64)
     device: Device = Device.AUTO
     cudnn_conv_algo_search: ConvAlgoSearch = ConvAlgoSearch.EXHAUSTIVE
     # After SIGTERM: readiness 503 at once, serving on for this long (endpoint removal takes
     # time), then the listeners close and in-flight requests get frontend.FINISH_SECONDS.
-    drain_seconds: float = pydantic.Field(default=10.0, ge=0, le=300)
-    http_port: int = pydantic.Field(default=8080, ge=0, le=65535)
-    grpc_port: int = pydantic.Field(default=8081, ge=0, le=65535)
+    drain_seconds: float = pydantic.Field(default=values.DRAIN_SECONDS, ge=0, le=300)
+    http_port: int = pydantic.Field(default=paths.HTTP_PORT, ge=0, le=65535)
+    grpc_port: int = pydantic.Field(default=paths.GRPC_PORT, ge=0, le=65535)
 
     host: str = "0.0.0.0"
     # Bodies above this get 413; it bounds the memory one request can take.
     max_request_bytes: int = pydantic.Field(default=64 * 1024 * 1024, ge=1024)
     # Used for quantized models when the model's own directory is read-only
     # (the pod's root filesystem is read-only; the model volume may be too).
-    cache_dir: Path = Path("/tmp/modeldeploy-cache")
+    cache_dir: Path = Path(paths.CACHE_DIR)
     # The GPU to use among those visible (the device plugin makes the pod's GPUs 0..n-1).
     cuda_device_id: int = pydantic.Field(default=0, ge=0)
     # Upper bound of ONNX Runtime's CUDA memory arena; 0 = no bound.
@@ -146,10 +150,10 @@ class FetchSettings(BaseSettings):
     model_config = _CONFIG
 
     uri: str = pydantic.Field(min_length=1)
-    sha256: str | None = pydantic.Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha256: str | None = pydantic.Field(default=None, pattern=values.SHA256_PATTERN)
     dest: Path
     # The download stops (and fails) past this many bytes.
     max_bytes: int | None = pydantic.Field(default=None, ge=1)
     # pvc://<claim>/<path> is read from <pvc_root>/<claim>/<path>: the Deployment
     # mounts each claim there read-only.
-    pvc_root: Path = Path("/mnt/pvc")
+    pvc_root: Path = Path(paths.PVC_ROOT)

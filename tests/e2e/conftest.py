@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modeldeploy_operator.localcluster import cluster as localcluster
-from modeldeploy_operator.localcluster import podrunner
+from modeldeploy_dev import cluster as localcluster
+from modeldeploy_dev import podrunner
 from operator_helpers import free_port
 from support import Cluster
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from chart_helm import CHART, helm, render, set_flags
-from modeldeploy_operator.localcluster import build
+from modeldeploy_dev import build
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from modeldeploy_operator.localcluster import build
-from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_dev import build
+from modeldeploy_dev import cluster as localcluster
 from support import Cluster
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_operator import crd
+from modeldeploy_dev import crd
 
 
 def _schema() -> dict[str, Any]:
@@ -27,8 +27,8 @@ def _walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any
 
 
 def test_committed_crd_is_up_to_date() -> None:
-    assert crd.CRD_PATH.read_text() == crd.render(), (
-        "crds/ is stale: run `python -m modeldeploy_operator.crd`"
+    assert crd.crd_paths()[0].read_text() == crd.render(), (
+        "crds/ is stale: run `modeldeploy-dev generate`"
     )
 
 
@@ -92,7 +92,7 @@ def test_small_enough_for_client_side_apply() -> None:
 
 
 def test_chart_copy_and_readme_reference_are_up_to_date() -> None:
-    stale = "stale: run `python -m modeldeploy_operator.crd`"
-    assert crd.CHART_CRD_PATH.read_text() == crd.render(), f"the chart's CRD is {stale}"
-    readme = crd.README_PATH.read_text()
+    stale = "stale: run `modeldeploy-dev generate`"
+    assert crd.crd_paths()[1].read_text() == crd.render(), f"the chart's CRD is {stale}"
+    readme = crd.readme_path().read_text()
     assert crd.readme_with_reference(readme) == readme, f"the README's API reference is {stale}"

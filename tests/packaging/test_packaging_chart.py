@@ -12,8 +12,8 @@ import yaml
 
 from chart_helm import CHART
 from modeldeploy_operator import (
-    handlers,
     opmetrics,  # noqa: F401 (registers the operator metrics)
+    settings,
 )
 from modeldeploy_runtime import metrics
 
@@ -41,7 +41,7 @@ def test_the_default_runtime_image_is_the_operators() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     image = values["runtimeImage"]
     default = f"{image['repository']}:{image['tag'] or chart['appVersion']}"
-    assert default == handlers.DEFAULT_RUNTIME_IMAGE
+    assert default == settings.default_runtime_image()
 
 
 _SAMPLE_SUFFIXES = {

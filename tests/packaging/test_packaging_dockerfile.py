@@ -8,12 +8,16 @@ entry point.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,7 +195,8 @@ def _host_env(image_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def builder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builder stage's filesystem after its steps: its WORKDIR /src and the wheel in /dist."""
     work = tmp_path_factory.mktemp("builder")
     source, dist = work / "src", work / "dist"
     _copy_build_context(source)
@@ -200,7 +205,57 @@ def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for command in DOCKER.stages["builder"].all("RUN"):
         _run(command.replace("/dist", str(dist)), env, source)
     assert len(list(dist.glob("modeldeploy-*.whl"))) == 1
-    return dist
+    return work
+
+
+def _tiny_model(path: Path) -> Path:
+    """An ONNX model that returns its input: enough to load, serve and answer probes."""
+    from onnx import TensorProto, helper, save
+
+    tensor = ["batch", 2]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, tensor)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, tensor)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(path))
+    return path
+
+
+def _direct_deployment_answers(venv: Path, env: dict[str, str], work: Path) -> None:
+    """`modeldeploy serve -f md.yaml` serves a model with nothing but the runtime extra."""
+    model = _tiny_model(work / "my model.onnx")
+    manifest = work / "md.yaml"
+    manifest.write_text(
+        "apiVersion: modeldeploy.io/v1alpha1\nkind: ModelDeployment\nmetadata: {name: tiny}\n"
+        f"spec: {{model: {{uri: 'file://{str(model).replace(' ', '%20')}', version: '2'}}}}\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(venv / "bin" / "modeldeploy"), "serve", "-f", str(manifest), "--http-port",
+         str(port), "--grpc-port", "0", "--workdir", str(work / "w")],
+        env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            assert time.monotonic() < deadline, "modeldeploy serve: not ready after 90s"
+            try:
+                url = f"http://127.0.0.1:{port}/v2/models/tiny"
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    assert json.load(answer)["versions"] == ["2"]
+                    break
+            except OSError:
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        assert server.wait(timeout=60) == 0
 
 
 @pytest.mark.e2e
@@ -208,12 +263,21 @@ def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("target", "absent", "importable"),
     [
-        ("operator", "onnxruntime", "modeldeploy_operator.handlers"),
-        ("runtime", "kopf", "modeldeploy_runtime.server"),
+        (
+            "operator",
+            ["onnxruntime", "kubernetes", "modeldeploy_dev", "cryptography", "pytest"],
+            "modeldeploy_operator.handlers",
+        ),
+        (
+            "runtime",
+            # (cryptography is here: the cloud storage clients need it.)
+            ["kopf", "kubernetes", "modeldeploy_dev", "pytest"],
+            "modeldeploy_runtime.server",
+        ),
     ],
 )
 def test_install_steps_give_working_entry_points(
-    target: str, absent: str, importable: str, wheel_dir: Path, tmp_path: Path
+    target: str, absent: list[str], importable: str, builder_root: Path, tmp_path: Path
 ) -> None:
     venv = tmp_path / "venv"
     image_venv = DOCKER.env(target, "")["VIRTUAL_ENV"]
@@ -223,8 +287,8 @@ def test_install_steps_give_working_entry_points(
     for command in DOCKER.stages[target].all("RUN"):
         mounts = dict(re.findall(r"--mount=\S*source=(\S+?),target=(\S+)", command))
         command = re.sub(r"--mount=\S+\s+", "", command)
-        for image_path in mounts.values():
-            command = command.replace(image_path, str(wheel_dir))
+        for source, image_path in mounts.items():
+            command = command.replace(image_path, str(builder_root / source.lstrip("/")))
         _run(command, env, tmp_path)
 
     entry_point = TARGETS[target]
@@ -237,9 +301,18 @@ def test_install_steps_give_working_entry_points(
         [
             python,
             "-c",
-            f"import importlib.util as u, sys; sys.exit(u.find_spec({absent!r}) is not None)",
+            "import importlib.util as u; "
+            f"found = [m for m in {absent!r} if u.find_spec(m) is not None]; "
+            "print('installed, but must not be:', found); exit(bool(found))",
         ],
     ]
     for check in checks:
         result = subprocess.run(check, env=env, cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 0, f"{check}\n{result.stdout}\n{result.stderr[-4000:]}"
+    # Nothing of the development tooling is installed: no command, no file.
+    assert not (venv / "bin" / "modeldeploy-dev").exists()
+    installed = [p.name for p in (venv / "lib").rglob("*.py")]
+    for development_only in ("podrunner.py", "pki.py", "checkout.py"):
+        assert development_only not in installed
+    if target == "runtime":
+        _direct_deployment_answers(venv, env, tmp_path)

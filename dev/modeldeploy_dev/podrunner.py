@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modeldeploy_operator.localcluster import build
-from modeldeploy_operator.localcluster import cluster as localcluster
+from modeldeploy_contract import flags
+from modeldeploy_dev import build
+from modeldeploy_dev import cluster as localcluster
 
 SELECTOR = "app.kubernetes.io/managed-by=modeldeploy"
 
@@ -73,9 +74,9 @@ def plan(
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         tmp = mounts.get("/tmp", workdir / "volumes" / "tmp")
         env |= {
-            "MODELDEPLOY_HOST": pod["status"]["podIP"],
-            "MODELDEPLOY_CACHE_DIR": str(tmp / "modeldeploy-cache"),
-            "MODELDEPLOY_PVC_ROOT": str(pvc_root),
+            flags.env(flags.HOST): pod["status"]["podIP"],
+            flags.env(flags.CACHE_DIR): str(tmp / "modeldeploy-cache"),
+            flags.env(flags.PVC_ROOT): str(pvc_root),
             "TMPDIR": str(tmp),
         }
         commands.append((argv, env))

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_operator.localcluster import build, pki
+from modeldeploy_dev import build, pki
 
 APISERVER_PORT = int(os.environ.get("MODELDEPLOY_CLUSTER_PORT", "16443"))
 _ETCD_CLIENT_PORT = APISERVER_PORT - 4000
@@ -188,14 +188,21 @@ def is_running() -> bool:
     )
 
 
-def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
-    """Runs the locally built kubectl against the local cluster; returns its stdout."""
-    result = subprocess.run(
-        [str(build.binaries().kubectl), "--kubeconfig", str(kubeconfig_path()), *args],
+def run_kubectl(
+    kubeconfig: Path, *args: str, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the locally built kubectl with this kubeconfig, capturing its output."""
+    return subprocess.run(
+        [str(build.binaries().kubectl), "--kubeconfig", str(kubeconfig), *args],
         input=input,
         capture_output=True,
         text=True,
     )
+
+
+def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
+    """Runs kubectl against the local cluster; returns its stdout, raises when it fails."""
+    result = run_kubectl(kubeconfig_path(), *args, input=input)
     if check and result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -208,8 +215,8 @@ def _node(name: str, gpu: bool) -> dict[str, Any]:
         "kubernetes.io/arch": "amd64",
         "type": "kwok",
     }
-    # Room for the scale benchmark's thousand pods: these nodes run nothing.
-    capacity = {"cpu": "64", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "1Ti"}
+    # Room for the scale benchmark's thousands of pods: these nodes run nothing.
+    capacity = {"cpu": "64", "memory": "256Gi", "pods": "2500", "ephemeral-storage": "1Ti"}
     spec: dict[str, object] = {}
     if gpu:
         labels |= {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": GPU_PRODUCT}
@@ -241,126 +248,125 @@ def _apply_nodes() -> None:
     kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
 
 
-def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
+def _etcd_argv(state: Paths, binaries: build.Binaries) -> list[str]:
     p = state.pki
-    _start(
-        state,
-        "etcd",
-        [
-            str(binaries.etcd),
-            "--name=modeldeploy",
-            f"--data-dir={state.root / 'etcd'}",
-            f"--listen-client-urls=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
-            f"--advertise-client-urls=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
-            f"--listen-peer-urls=http://127.0.0.1:{_ETCD_PEER_PORT}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{_ETCD_PEER_PORT}",
-            f"--initial-cluster=modeldeploy=http://127.0.0.1:{_ETCD_PEER_PORT}",
-            f"--listen-metrics-urls=http://127.0.0.1:{_ETCD_METRICS_PORT}",
-            f"--cert-file={p / 'etcd.crt'}",
-            f"--key-file={p / 'etcd.key'}",
-            f"--trusted-ca-file={p / 'ca.crt'}",
-            "--client-cert-auth",
-            # A throwaway local cluster: durability is worth less than speed here.
-            "--unsafe-no-fsync",
-            "--quota-backend-bytes=4294967296",
-            "--log-level=warn",
-        ],
-    )
+    return [
+        str(binaries.etcd),
+        "--name=modeldeploy",
+        f"--data-dir={state.root / 'etcd'}",
+        f"--listen-client-urls=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
+        f"--advertise-client-urls=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
+        f"--listen-peer-urls=http://127.0.0.1:{_ETCD_PEER_PORT}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{_ETCD_PEER_PORT}",
+        f"--initial-cluster=modeldeploy=http://127.0.0.1:{_ETCD_PEER_PORT}",
+        f"--listen-metrics-urls=http://127.0.0.1:{_ETCD_METRICS_PORT}",
+        f"--cert-file={p / 'etcd.crt'}",
+        f"--key-file={p / 'etcd.key'}",
+        f"--trusted-ca-file={p / 'ca.crt'}",
+        "--client-cert-auth",
+        # A throwaway local cluster: durability is worth less than speed here.
+        "--unsafe-no-fsync",
+        "--quota-backend-bytes=4294967296",
+        "--log-level=warn",
+    ]
+
+
+def _apiserver_argv(state: Paths, binaries: build.Binaries) -> list[str]:
+    p = state.pki
+    return [
+        str(binaries.kube_apiserver),
+        f"--etcd-servers=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
+        f"--etcd-cafile={p / 'ca.crt'}",
+        f"--etcd-certfile={p / 'apiserver-etcd-client.crt'}",
+        f"--etcd-keyfile={p / 'apiserver-etcd-client.key'}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={APISERVER_PORT}",
+        f"--tls-cert-file={p / 'apiserver.crt'}",
+        f"--tls-private-key-file={p / 'apiserver.key'}",
+        f"--client-ca-file={p / 'ca.crt'}",
+        f"--service-account-key-file={p / 'service-account.pub'}",
+        f"--service-account-signing-key-file={p / 'service-account.key'}",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        "--authorization-mode=RBAC",
+        "--service-cluster-ip-range=10.96.0.0/16",
+        # The "kubernetes" Service endpoints cannot point at a loopback address.
+        "--endpoint-reconciler-type=none",
+        f"--audit-policy-file={state.root / 'audit-policy.yaml'}",
+        f"--audit-log-path={state.audit_log}",
+        "--audit-log-format=json",
+        "--audit-log-maxsize=200",
+        "--audit-log-mode=batch",
+        "--audit-log-batch-max-wait=1s",
+        "--max-requests-inflight=1000",
+        "--max-mutating-requests-inflight=500",
+    ]
+
+
+def _controller_manager_argv(state: Paths, binaries: build.Binaries) -> list[str]:
+    p = state.pki
+    return [
+        str(binaries.kube_controller_manager),
+        f"--kubeconfig={state.component_kubeconfig('controller-manager')}",
+        f"--authentication-kubeconfig={state.component_kubeconfig('controller-manager')}",
+        f"--authorization-kubeconfig={state.component_kubeconfig('controller-manager')}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={_CONTROLLER_MANAGER_PORT}",
+        "--leader-elect=false",
+        "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={p / 'service-account.key'}",
+        f"--root-ca-file={p / 'ca.crt'}",
+        f"--cluster-signing-cert-file={p / 'ca.crt'}",
+        f"--cluster-signing-key-file={p / 'ca.key'}",
+        "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
+        "--concurrent-deployment-syncs=20",
+        "--concurrent-replicaset-syncs=20",
+        "--concurrent-gc-syncs=40",
+        "--kube-api-qps=400",
+        "--kube-api-burst=800",
+    ]
+
+
+def _scheduler_argv(state: Paths, binaries: build.Binaries) -> list[str]:
+    return [
+        str(binaries.kube_scheduler),
+        f"--kubeconfig={state.component_kubeconfig('scheduler')}",
+        f"--authentication-kubeconfig={state.component_kubeconfig('scheduler')}",
+        f"--authorization-kubeconfig={state.component_kubeconfig('scheduler')}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={_SCHEDULER_PORT}",
+        "--leader-elect=false",
+        "--kube-api-qps=400",
+        "--kube-api-burst=800",
+    ]
+
+
+def _kwok_argv(state: Paths, binaries: build.Binaries) -> list[str]:
+    return [
+        str(binaries.kwok),
+        f"--kubeconfig={state.component_kubeconfig('kwok')}",
+        "--manage-all-nodes=false",
+        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+        f"--cidr={POD_CIDR}",
+        "--node-ip=127.0.0.1",
+        f"--server-address=127.0.0.1:{_KWOK_PORT}",
+        "--node-lease-duration-seconds=40",
+    ]
+
+
+def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
+    """etcd, then the API server, then the components that talk to it, each once the one before
+    answers."""
+    _start(state, "etcd", _etcd_argv(state, binaries))
     etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
     _wait("etcd", lambda: _http_ok(etcd_health), 60, state, "etcd")
     (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
-    _start(
-        state,
-        "kube-apiserver",
-        [
-            str(binaries.kube_apiserver),
-            f"--etcd-servers=https://127.0.0.1:{_ETCD_CLIENT_PORT}",
-            f"--etcd-cafile={p / 'ca.crt'}",
-            f"--etcd-certfile={p / 'apiserver-etcd-client.crt'}",
-            f"--etcd-keyfile={p / 'apiserver-etcd-client.key'}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={APISERVER_PORT}",
-            f"--tls-cert-file={p / 'apiserver.crt'}",
-            f"--tls-private-key-file={p / 'apiserver.key'}",
-            f"--client-ca-file={p / 'ca.crt'}",
-            f"--service-account-key-file={p / 'service-account.pub'}",
-            f"--service-account-signing-key-file={p / 'service-account.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            # The "kubernetes" Service endpoints cannot point at a loopback address.
-            "--endpoint-reconciler-type=none",
-            f"--audit-policy-file={state.root / 'audit-policy.yaml'}",
-            f"--audit-log-path={state.audit_log}",
-            "--audit-log-format=json",
-            "--audit-log-maxsize=200",
-            "--audit-log-mode=batch",
-            "--audit-log-batch-max-wait=1s",
-            "--max-requests-inflight=1000",
-            "--max-mutating-requests-inflight=500",
-        ],
-    )
-    _wait(
-        "kube-apiserver",
-        lambda: _https_ok(state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"),
-        180,
-        state,
-        "kube-apiserver",
-    )
-    _start(
-        state,
-        "kube-controller-manager",
-        [
-            str(binaries.kube_controller_manager),
-            f"--kubeconfig={state.component_kubeconfig('controller-manager')}",
-            f"--authentication-kubeconfig={state.component_kubeconfig('controller-manager')}",
-            f"--authorization-kubeconfig={state.component_kubeconfig('controller-manager')}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={_CONTROLLER_MANAGER_PORT}",
-            "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={p / 'service-account.key'}",
-            f"--root-ca-file={p / 'ca.crt'}",
-            f"--cluster-signing-cert-file={p / 'ca.crt'}",
-            f"--cluster-signing-key-file={p / 'ca.key'}",
-            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
-            "--concurrent-deployment-syncs=20",
-            "--concurrent-replicaset-syncs=20",
-            "--concurrent-gc-syncs=40",
-            "--kube-api-qps=400",
-            "--kube-api-burst=800",
-        ],
-    )
-    _start(
-        state,
-        "kube-scheduler",
-        [
-            str(binaries.kube_scheduler),
-            f"--kubeconfig={state.component_kubeconfig('scheduler')}",
-            f"--authentication-kubeconfig={state.component_kubeconfig('scheduler')}",
-            f"--authorization-kubeconfig={state.component_kubeconfig('scheduler')}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={_SCHEDULER_PORT}",
-            "--leader-elect=false",
-            "--kube-api-qps=400",
-            "--kube-api-burst=800",
-        ],
-    )
-    _start(
-        state,
-        "kwok",
-        [
-            str(binaries.kwok),
-            f"--kubeconfig={state.component_kubeconfig('kwok')}",
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--cidr={POD_CIDR}",
-            "--node-ip=127.0.0.1",
-            f"--server-address=127.0.0.1:{_KWOK_PORT}",
-            "--node-lease-duration-seconds=40",
-        ],
-    )
+    _start(state, "kube-apiserver", _apiserver_argv(state, binaries))
+    readyz = f"https://127.0.0.1:{APISERVER_PORT}/readyz"
+    _wait("kube-apiserver", lambda: _https_ok(state, readyz), 180, state, "kube-apiserver")
+    _start(state, "kube-controller-manager", _controller_manager_argv(state, binaries))
+    _start(state, "kube-scheduler", _scheduler_argv(state, binaries))
+    _start(state, "kwok", _kwok_argv(state, binaries))
 
 
 def up() -> Paths:

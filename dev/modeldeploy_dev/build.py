@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from modeldeploy_dev import checkout
+
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"  # the etcd that k8s.io/kubernetes v1.34.4 itself requires
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.21.4"
 
-WRAPPER_MODULE = Path(__file__).resolve().parents[3] / "tools" / "controlplane"
 _VERSION_PACKAGES = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
 
 
@@ -147,7 +148,7 @@ def build_all() -> Binaries:
             (
                 f"{name} {KUBERNETES_VERSION if name != 'etcd' else ETCD_VERSION}",
                 ["build", "-trimpath", "-ldflags", ldflags, "-o", str(staging / name), package],
-                WRAPPER_MODULE,
+                checkout.root() / "tools" / "controlplane",
             )
             for name, package in packages.items()
         ],

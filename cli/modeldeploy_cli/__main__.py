@@ -1,0 +1,5 @@
+import sys
+
+from modeldeploy_cli import main
+
+sys.exit(main.main())

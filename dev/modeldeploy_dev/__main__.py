@@ -1,0 +1,5 @@
+import sys
+
+from modeldeploy_dev import cli
+
+sys.exit(cli.main())

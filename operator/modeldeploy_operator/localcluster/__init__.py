@@ -1,1 +1,0 @@
-"""The local Kubernetes control plane that the tests and the demo run against."""

@@ -1,0 +1,78 @@
+"""The work queue: events coalesce, one key is never worked on twice at once, failures retry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from modeldeploy_operator import workqueue
+
+
+def _run(coroutine: object) -> None:
+    asyncio.run(asyncio.wait_for(coroutine, 10))  # type: ignore[arg-type]
+
+
+def test_events_for_one_key_coalesce_into_one_call_with_all_notes() -> None:
+    async def scenario() -> None:
+        queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue()
+        for note in ("deployment", None, "service"):
+            await queue.add("iris", note)
+        await queue.add("resnet")
+        calls: list[tuple[str, set[str]]] = []
+
+        async def handle(key: str, notes: set[str]) -> None:
+            calls.append((key, notes))
+            if len(calls) == 2:
+                await queue.close()
+
+        await queue.work(handle, lambda *_: None)
+        assert calls == [("iris", {"deployment", "service"}), ("resnet", set())]
+
+    _run(scenario())
+
+
+def test_a_key_is_never_handled_by_two_workers_at_once() -> None:
+    async def scenario() -> None:
+        queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue()
+        running: set[str] = set()
+        overlaps = calls = 0
+
+        async def handle(key: str, _: set[str]) -> None:
+            nonlocal overlaps, calls
+            overlaps += key in running
+            running.add(key)
+            await asyncio.sleep(0.01)
+            await queue.add(key)  # an event arrives while this key is being reconciled
+            running.discard(key)
+            calls += 1
+            if calls == 6:
+                await queue.close()
+
+        await queue.add("iris")
+        await asyncio.gather(*(queue.work(handle, lambda *_: None) for _ in range(4)))
+        assert overlaps == 0
+
+    _run(scenario())
+
+
+def test_a_failure_is_retried_later_with_its_notes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workqueue, "FIRST_RETRY_S", 0.01)
+
+    async def scenario() -> None:
+        queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue()
+        seen: list[set[str]] = []
+        errors: list[float] = []
+
+        async def handle(key: str, notes: set[str]) -> None:
+            seen.append(notes)
+            if len(seen) < 3:
+                raise ConnectionError("API server gone")
+            await queue.close()
+
+        await queue.add("iris", "deployment")
+        await queue.work(handle, lambda key, error, delay: errors.append(delay))
+        assert seen == [{"deployment"}] * 3
+        assert errors == [0.01, 0.02]
+
+    _run(scenario())
