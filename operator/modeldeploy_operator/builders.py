@@ -136,11 +136,20 @@ def _quantities(values: dict[str, api.IntOrString] | None) -> dict[str, str]:
     return {name: str(value) for name, value in (values or {}).items()}
 
 
-def fetch_settings(uri: str, sha256: str | None, dest: str) -> dict[str, str]:
+# Room beside the artifacts: file system overhead, and on /tmp the metrics files.
+_VOLUME_SLACK = 16 * 2**20
+_TMP_SLACK = 256 * 2**20
+
+
+def fetch_settings(
+    uri: str, sha256: str | None, dest: str, max_bytes: int | None = None
+) -> dict[str, str]:
     """The runtime settings of `modeldeploy-runtime fetch` for one artifact."""
     settings = {flags.URI: uri, flags.DEST: dest}
     if sha256:
         settings[flags.SHA256] = sha256.lower()
+    if max_bytes:
+        settings[flags.MAX_BYTES] = str(max_bytes)
     return settings
 
 
@@ -229,14 +238,22 @@ def _init_containers(spec: api.ModelDeploymentSpec, image: str) -> list[api.Obje
     """One container per artifact: fetch, verify, write it into the shared volume."""
     fetches = [("fetch-model", spec.model.uri, spec.model.sha256, paths.MODEL_DIR)]
     if spec.calibration_uri:
-        fetches.append(("fetch-calibration", spec.calibration_uri, None, paths.CALIBRATION_DIR))
+        fetches.append(
+            ("fetch-calibration", spec.calibration_uri, spec.calibration_sha256,
+             paths.CALIBRATION_DIR)
+        )  # fmt: skip
     _, pvc_mounts = _pvc_mounts(_uris(spec))
     work_mounts = [
         {"name": "models", "mountPath": paths.MODELS_DIR},
         {"name": "tmp", "mountPath": paths.TMP_DIR},
     ]
     return [
-        _container(name, image, flags.FETCH, fetch_settings(uri, sha256, dest))
+        _container(
+            name,
+            image,
+            flags.FETCH,
+            fetch_settings(uri, sha256, dest, spec.model.max_size_bytes),
+        )
         | {"volumeMounts": work_mounts + pvc_mounts}
         for name, uri, sha256, dest in fetches
     ]
@@ -307,6 +324,19 @@ def _scheduling(spec: api.ModelDeploymentSpec) -> api.Object:
     return scheduling
 
 
+def _work_volumes(spec: api.ModelDeploymentSpec) -> list[api.Object]:
+    """The shared model volume and /tmp, sized by model.maxSizeBytes when it is given: each
+    artifact may be that large, and /tmp holds at most a converted copy of the model."""
+    limit = spec.model.max_size_bytes
+    if limit is None:
+        return [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    artifacts = len(_uris(spec))
+    return [
+        {"name": "models", "emptyDir": {"sizeLimit": str(artifacts * limit + _VOLUME_SLACK)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(limit + _TMP_SLACK)}},
+    ]
+
+
 def _pod_template(owner: Owner, spec: api.ModelDeploymentSpec, image: str) -> api.Object:
     pvc_volumes, _ = _pvc_mounts(_uris(spec))
     labels = child_labels(owner)
@@ -320,11 +350,7 @@ def _pod_template(owner: Owner, spec: api.ModelDeploymentSpec, image: str) -> ap
         "securityContext": _POD_SECURITY,
         "initContainers": _init_containers(spec, image),
         "containers": [_serving_container(owner, spec, image)],
-        "volumes": [
-            {"name": "models", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            *pvc_volumes,
-        ],
+        "volumes": [*_work_volumes(spec), *pvc_volumes],
         **_scheduling(spec),
     }
     return {

@@ -83,6 +83,23 @@ def _check_uri(value: str | None) -> str | None:
     return value
 
 
+def _check_sha256(value: str | None) -> str | None:
+    if value is not None and not re.match(_SHA256_PATTERN, value):
+        raise ValueError("must be 64 hexadecimal digits")
+    return value
+
+
+def _sha256_field(description: str) -> Any:
+    return Field(
+        default=None,
+        max_length=64,
+        description=description,
+        json_schema_extra=_validations(
+            _cel(f"self.matches('{_SHA256_PATTERN}')", "must be 64 hexadecimal digits")
+        ),
+    )
+
+
 def now() -> str:
     """The current time as the API server writes timestamps (RFC 3339, UTC, seconds)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -112,14 +129,8 @@ class ModelSource(_Model):
         "pvc://<claim>/<path> or file:// (local use).",
         json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
     )
-    sha256: str | None = Field(
-        default=None,
-        max_length=64,
-        description="Expected SHA-256 of the file (64 hex digits); a mismatch means the model "
-        "is never served.",
-        json_schema_extra=_validations(
-            _cel(f"self.matches('{_SHA256_PATTERN}')", "must be 64 hexadecimal digits")
-        ),
+    sha256: str | None = _sha256_field(
+        "Expected SHA-256 of the file (64 hex digits); a mismatch means the model is never served."
     )
     version: str | None = Field(
         default=None,
@@ -142,13 +153,7 @@ class ModelSource(_Model):
     )
 
     _uri = field_validator("uri")(_check_uri)
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(_SHA256_PATTERN, value):
-            raise ValueError("must be 64 hexadecimal digits")
-        return value
+    _sha256 = field_validator("sha256")(_check_sha256)
 
 
 class RuntimeSettings(_Model):
@@ -385,14 +390,8 @@ class ModelDeploymentSpec(_Model):
         description="Sample inputs (.npz) for static-int8 calibration; same schemes as model.uri.",
         json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
     )
-    calibration_sha256: str | None = Field(
-        default=None,
-        max_length=64,
-        description="Expected SHA-256 of the calibration file; a mismatch means the model is "
-        "never served.",
-        json_schema_extra=_validations(
-            _cel(f"self.matches('{_SHA256_PATTERN}')", "must be 64 hexadecimal digits")
-        ),
+    calibration_sha256: str | None = _sha256_field(
+        "Expected SHA-256 of the calibration file; a mismatch means the model is never served."
     )
     runtime: RuntimeSettings = Field(
         default=RuntimeSettings(), description="Runtime image and batching settings."
@@ -432,12 +431,7 @@ class ModelDeploymentSpec(_Model):
 
     _calibration_uri = field_validator("calibration_uri")(_check_uri)
 
-    @field_validator("calibration_sha256")
-    @classmethod
-    def _calibration_digest(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(_SHA256_PATTERN, value):
-            raise ValueError("must be 64 hexadecimal digits")
-        return value
+    _calibration_sha256 = field_validator("calibration_sha256")(_check_sha256)
 
     @model_validator(mode="after")
     def _cross_field(self) -> ModelDeploymentSpec:

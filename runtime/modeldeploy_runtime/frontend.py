@@ -7,13 +7,14 @@ import logging
 
 from aiohttp import web
 
+from modeldeploy_contract import values
 from modeldeploy_runtime import dataplane, rest, settings
 from modeldeploy_runtime import grpc as grpc_adapter
 
 logger = logging.getLogger(__name__)
 
 # How long in-flight requests get to finish once the listeners closed.
-FINISH_SECONDS = 15.0
+FINISH_SECONDS = float(values.FINISH_SECONDS)
 
 
 class Frontend:

@@ -80,6 +80,26 @@ class TestDeployment:
         assert _arg(args, "--workers") == "6"
         assert _arg(args, "--cudnn-conv-algo-search") == "HEURISTIC"
 
+    def test_max_size_bounds_the_downloads_and_sizes_the_volumes(self) -> None:
+        spec = _spec(
+            model={"uri": "s3://m/model.onnx", "maxSizeBytes": 10**9},
+            quantization="static-int8",
+            calibrationUri="gs://b/calib.npz",
+            calibrationSha256="B" * 64,
+        )
+        pod = _pod(spec)["spec"]
+        fetch_model, fetch_calibration = pod["initContainers"]
+        assert _arg(fetch_model["args"], "--max-bytes") == str(10**9)
+        assert _arg(fetch_calibration["args"], "--sha256") == "b" * 64
+        volumes = {v["name"]: v["emptyDir"] for v in pod["volumes"]}
+        # Two artifacts of up to 1 GB each, and room for a converted copy on /tmp.
+        assert int(volumes["models"]["sizeLimit"]) >= 2 * 10**9
+        assert int(volumes["tmp"]["sizeLimit"]) >= 10**9
+        assert (
+            "sizeLimit"
+            not in {v["name"]: v["emptyDir"] for v in _pod(_spec())["spec"]["volumes"]}["models"]
+        )
+
     def test_static_int8_fetches_the_calibration_data(self) -> None:
         spec = _spec(quantization="static-int8", calibrationUri="gs://b/calib.npz")
         pod = _pod(spec)["spec"]

@@ -4,6 +4,7 @@ survives a failed write."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import prometheus_client
@@ -21,8 +22,12 @@ def pod() -> runtime_metrics.ModelMetrics:
 
 
 async def _serve(pod: runtime_metrics.ModelMetrics) -> tuple[web.AppRunner, str]:
+    return await _serve_page(pod.exposition)
+
+
+async def _serve_page(body: Callable[[], bytes]) -> tuple[web.AppRunner, str]:
     async def page(_: web.Request) -> web.Response:
-        return web.Response(body=pod.exposition(), content_type="text/plain")
+        return web.Response(body=body(), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/metrics", page)
@@ -123,17 +128,8 @@ def test_pod_addresses_of_both_families_make_urls() -> None:
 )
 def test_a_hostile_metrics_page_is_left_out_and_counted(page: bytes) -> None:
     async def scenario() -> None:
-        async def serve(_: web.Request) -> web.Response:
-            return web.Response(body=page, content_type="text/plain")
-
-        app = web.Application()
-        app.router.add_get("/metrics", serve)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, url = await _serve_page(lambda: page)
         source = collect.DirectSource()
-        url = f"http://127.0.0.1:{port}/metrics"
         try:
             errors = _errors()
             target = collect.Target("ml", "iris", "iris", {"iris-abc-1": url})
