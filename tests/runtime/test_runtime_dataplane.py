@@ -158,12 +158,11 @@ def test_malformed_requests_are_refused_naming_the_problem(
 
 
 def test_a_million_inputs_are_refused_by_count_before_any_is_looked_at() -> None:
-    body = orjson.dumps({"inputs": [{"name": "x"}] * 200_000})
-    started = time.perf_counter()
+    # Not one of them is an input the model has: the count alone refuses them (what it costs
+    # is measured by benchmarks/runtime/bench_hostile.py, not here).
+    body = orjson.dumps({"inputs": [{"name": "nonsense"}] * 200_000})
     with pytest.raises(dataplane.InvalidInputError, match="200000 inputs given"):
         rest.parse_infer(PLANE, "m", None, body, None)
-    # Only the parse is paid (orjson, milliseconds); no per-input Python work.
-    assert time.perf_counter() - started < 0.5
 
 
 def test_a_header_length_past_the_body_is_refused() -> None:
