@@ -351,4 +351,4 @@ def test_decoding_a_large_body_leaves_the_event_loop_free() -> None:
 
     worst = asyncio.run(scenario())
     # Well under the probes' 1 s timeout: nothing but scheduling holds the loop.
-    assert worst < 0.5, f"the event loop stalled for {worst:.3f} s"
+    assert worst < 0.75, f"the event loop stalled for {worst:.3f} s"
