@@ -32,7 +32,6 @@ import numpy as np
 from modeldeploy_runtime import metrics, tensors
 
 Inputs = Mapping[str, tensors.Array]
-Predict = Callable[[Inputs], Sequence[tensors.Array]]
 
 
 class QueueFullError(Exception):
@@ -92,22 +91,6 @@ def split(outputs: Sequence[tensors.Array], sizes: Sequence[int]) -> list[list[t
     offsets = np.cumsum(sizes[:-1])
     per_output = [np.split(output[:total], offsets) for output in outputs]
     return [list(parts) for parts in zip(*per_output, strict=True)]
-
-
-class FunctionRunner:
-    """A runner for a plain predict function: merges with fresh arrays (tests, simple models)."""
-
-    def __init__(self, predict: Predict) -> None:
-        self._predict = predict
-
-    def prepare(self, requests: Sequence[Inputs], rows: int, padded: int) -> Inputs:
-        return merge(requests, padded)
-
-    def run(self, prepared: Inputs) -> Sequence[tensors.Array]:
-        return self._predict(prepared)
-
-    def run_once(self, inputs: Inputs) -> Sequence[tensors.Array]:
-        return self._predict(inputs)
 
 
 @dataclasses.dataclass(slots=True)
@@ -297,19 +280,19 @@ class Batcher:
         started = time.monotonic()
         for request in batch:
             self._stats.queue_duration.observe(started - request.enqueued)
-        try:
-            return self._timed(batch, lambda: self._runner.run(prepared))
-        except Exception as error:
-            if len(batch) == 1:
-                return [error]
-        half = len(batch) // 2
-        return self._isolate(batch[:half]) + self._isolate(batch[half:])
+        return self._bisecting(batch, lambda: self._runner.run(prepared))
 
     def _isolate(self, batch: list[_Request]) -> list[Result]:
         rows = sum(r.size for r in batch)
         inputs = merge([r.inputs for r in batch], padded_size(self.sizes, rows))
+        return self._bisecting(batch, lambda: self._runner.run_once(inputs))
+
+    def _bisecting(
+        self, batch: list[_Request], run: Callable[[], Sequence[tensors.Array]]
+    ) -> list[Result]:
+        """The batch's results; if it fails, its halves re-run on their own, down to one."""
         try:
-            return self._timed(batch, lambda: self._runner.run_once(inputs))
+            return self._timed(batch, run)
         except Exception as error:
             if len(batch) == 1:
                 return [error]

@@ -145,7 +145,7 @@ def _serve(config: settings.ServeSettings) -> int:
         # Before prometheus-client is imported: it picks its storage at import time.
         directory = config.cache_dir / f"metrics-{os.getpid()}"
         directory.mkdir(parents=True, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        os.environ[settings.METRICS_DIR_ENV] = str(directory)
     from modeldeploy_runtime import server
 
     logger.info("serving on %s with %d front-end process(es)", device, workers)

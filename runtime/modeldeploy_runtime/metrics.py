@@ -41,6 +41,7 @@ import prometheus_client as prom
 from prometheus_client import multiprocess
 
 from modeldeploy_contract import metrics as names
+from modeldeploy_runtime import settings
 
 # The per-series `_created` samples would double the exposition and nothing reads them.
 prom.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -152,17 +153,14 @@ class ModelMetrics:
         self._max_abs_error.labels(self._model).set(max_abs_error)
 
     def exposition(self) -> bytes:
-        if MULTIPROCESS_DIR in os.environ:
+        if settings.METRICS_DIR_ENV in os.environ:
             registry = prom.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return prom.generate_latest(registry)
         return prom.generate_latest(self.registry)
 
 
-MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-
-
 def process_exited(pid: int) -> None:
     """Drop the live-only gauges of a process that exited (multiprocess mode)."""
-    if MULTIPROCESS_DIR in os.environ:
+    if settings.METRICS_DIR_ENV in os.environ:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -96,6 +96,8 @@ class OnnxModel:
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.device_used = "cpu"
+        # The batch sizes the sessions run at: those loaded with, (1,) for a fixed batch.
+        self.sizes: tuple[int, ...] = (1,)
 
     def load(self, sizes: Sequence[int] = ()) -> None:
         """Create the sessions; ``sizes`` are the batch sizes that get one each on a GPU."""
@@ -105,10 +107,11 @@ class OnnxModel:
         )
         self.inputs = tuple(_spec(node) for node in self._session.get_inputs())
         self.outputs = tuple(_spec(node) for node in self._session.get_outputs())
-        if self.device_used == "cuda" and self.signature((1,)).batchable:
-            self._sessions = {size: self._new_session() for size in sizes[1:]}
-            if sizes:
-                self._sessions[sizes[0]] = self._session
+        batchable = Signature(self.inputs, self.outputs, ()).batchable
+        self.sizes = tuple(sizes) if sizes and batchable else (1,)
+        if self.device_used == "cuda" and batchable:
+            self._sessions = {size: self._new_session() for size in self.sizes[1:]}
+            self._sessions[self.sizes[0]] = self._session
         logger.info(
             "loaded %s on %s with %d intra-op threads, %d session(s)",
             self.path,
@@ -144,8 +147,9 @@ class OnnxModel:
             raise RuntimeError(f"device cuda asked for, but ONNX Runtime only has {available}")
         return ["CPUExecutionProvider"]
 
-    def signature(self, sizes: tuple[int, ...]) -> Signature:
-        return Signature(self.inputs, self.outputs, sizes)
+    @property
+    def signature(self) -> Signature:
+        return Signature(self.inputs, self.outputs, self.sizes)
 
     def session_for(self, size: int) -> ort.InferenceSession:
         if self._session is None:

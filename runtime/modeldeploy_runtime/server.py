@@ -99,8 +99,8 @@ class _Backend:
         config = self.config
         served = await asyncio.to_thread(load, config, self.stats)
         self.model = served
-        sizes = config.sizes_for(served.device_used) if served.signature(()).batchable else (1,)
-        self.signature = served.signature(sizes)
+        self.signature = served.signature
+        sizes = served.sizes
         session_runner = runner.SessionRunner(served, config.cuda_device_id)
         # Every size runs before traffic (each session's first run is slow), through both
         # pipeline slots so their buffers exist; warm-up is kept out of the metrics.

@@ -42,6 +42,10 @@ class ConvAlgoSearch(enum.StrEnum):
     DEFAULT = "DEFAULT"
 
 
+# Where prometheus-client keeps every process's series when there are front-end workers; it
+# must be set before prometheus-client is imported (it picks its storage at import time).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 _CONFIG = SettingsConfigDict(env_prefix=flags.ENV_PREFIX, frozen=True, extra="forbid")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,15 +45,36 @@ def double(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [inputs["x"] * 2]
 
 
+Predict = Callable[[batching.Inputs], Sequence[np.ndarray]]
+
+
+class FunctionRunner:
+    """A runner for a plain predict function, merging with fresh arrays."""
+
+    def __init__(self, predict: Predict) -> None:
+        self._predict = predict
+
+    def prepare(
+        self, requests: Sequence[batching.Inputs], rows: int, padded: int
+    ) -> batching.Inputs:
+        return batching.merge(requests, padded)
+
+    def run(self, prepared: batching.Inputs) -> Sequence[np.ndarray]:
+        return self._predict(prepared)
+
+    def run_once(self, inputs: batching.Inputs) -> Sequence[np.ndarray]:
+        return self._predict(inputs)
+
+
 def make_batcher(
-    predict: batching.Predict,
+    predict: Predict,
     sizes: Sequence[int] | None = None,
     pipelined: bool = True,
     **options: float,
 ) -> batching.Batcher:
     values = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue_size": 64} | options
     return batching.Batcher(
-        batching.FunctionRunner(predict),
+        FunctionRunner(predict),
         sizes=sizes or range(1, int(values["max_batch_size"]) + 1),
         max_delay_s=values["max_delay_s"],
         max_queue_size=int(values["max_queue_size"]),
