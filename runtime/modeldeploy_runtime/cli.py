@@ -145,6 +145,10 @@ def _serve(config: settings.ServeSettings) -> int:
         # Before prometheus-client is imported: it picks its storage at import time.
         directory = config.cache_dir / f"metrics-{os.getpid()}"
         directory.mkdir(parents=True, exist_ok=True)
+        # A restarted container has pid 1 again and the same /tmp: start from zero, or the
+        # previous run's counters would be summed into this one's.
+        for stale in directory.glob("*.db"):
+            stale.unlink()
         os.environ[settings.METRICS_DIR_ENV] = str(directory)
     from modeldeploy_runtime import server
 
