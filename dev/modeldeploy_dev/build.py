@@ -1,8 +1,8 @@
 """Builds the local control plane's binaries from Go modules into a cache outside the repository.
 
-Nothing is downloaded prebuilt: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and
-etcd come from the wrapper module in `tools/controlplane` (which pins k8s.io/kubernetes and its
-staging modules), kwok and helm from `go install` at pinned versions. Each set lands in a folder
+Nothing is downloaded prebuilt: kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy,
+kubectl and etcd come from the wrapper module in `tools/controlplane` (which pins k8s.io/kubernetes
+and its staging modules), kwok and helm from `go install` at pinned versions. Each set lands in a folder
 named after its versions, written to a temporary folder first and renamed when complete, so an
 interrupted build is never mistaken for a finished one.
 """
@@ -43,6 +43,7 @@ class Binaries:
     etcd: Path
     kwok: Path
     helm: Path
+    kube_proxy: Path
 
     def all_present(self) -> bool:
         return all(path.is_file() for path in vars(self).values())
@@ -59,6 +60,7 @@ def binaries() -> Binaries:
         etcd=controlplane / "etcd",
         kwok=root / f"kwok-{KWOK_VERSION}" / "kwok",
         helm=root / f"helm-{HELM_VERSION}-kube-{KUBERNETES_VERSION}" / "helm",
+        kube_proxy=root / f"kube-proxy-{KUBERNETES_VERSION}" / "kube-proxy",
     )
 
 
@@ -151,6 +153,25 @@ def build_all() -> Binaries:
                 checkout.root() / "tools" / "controlplane",
             )
             for name, package in packages.items()
+        ],
+    )
+    proxy_staging = wanted.kube_proxy.parent.with_name(wanted.kube_proxy.parent.name + ".partial")
+    _build_into(
+        wanted.kube_proxy.parent,
+        [
+            (
+                f"kube-proxy {KUBERNETES_VERSION}",
+                [
+                    "build",
+                    "-trimpath",
+                    "-ldflags",
+                    ldflags,
+                    "-o",
+                    str(proxy_staging / "kube-proxy"),
+                    "k8s.io/kubernetes/cmd/kube-proxy",
+                ],
+                checkout.root() / "tools" / "controlplane",
+            )
         ],
     )
     _build_into(

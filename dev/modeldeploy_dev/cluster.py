@@ -1,5 +1,7 @@
 """A real local Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and KWOK (which simulates the nodes, so pods get scheduled and report Ready).
+kube-scheduler, KWOK (which simulates the nodes, so pods get scheduled and report Ready) and
+kube-proxy (nftables), which routes Services to the pods the pod runner runs on the bridge that
+`network` sets up.
 
 TLS everywhere, RBAC on, every component under its own identity. The processes run detached and
 outlive the command that started them; their pids, logs and data live in the state folder.
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_dev import build, pki
+from modeldeploy_dev import build, network, pki
 
 APISERVER_PORT = int(os.environ.get("MODELDEPLOY_CLUSTER_PORT", "16443"))
 _ETCD_CLIENT_PORT = APISERVER_PORT - 4000
@@ -32,9 +34,19 @@ _ETCD_METRICS_PORT = _ETCD_CLIENT_PORT + 2
 _CONTROLLER_MANAGER_PORT = APISERVER_PORT + 1
 _SCHEDULER_PORT = APISERVER_PORT + 2
 _KWOK_PORT = APISERVER_PORT + 3
-# KWOK gives pods addresses from a loopback range, so a local process can serve "as" a pod.
-POD_CIDR = "127.64.0.0/16"
-_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+_KUBE_PROXY_METRICS_PORT = APISERVER_PORT + 10
+_KUBE_PROXY_HEALTHZ_PORT = APISERVER_PORT + 11
+# The pods KWOK simulates get loopback addresses: nothing runs behind them (the scale benchmark
+# answers for them on 0.0.0.0). The pod runner's pods get real ones from network.POD_CIDR.
+SIMULATED_POD_CIDR = "127.64.0.0/16"
+_COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kube-proxy",
+)
 
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
@@ -245,7 +257,8 @@ def _apply_nodes() -> None:
         patch = json.dumps({"status": node["status"]})
         name = node["metadata"]["name"]
         kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", patch)
-    kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+    names = [node["metadata"]["name"] for node in nodes]
+    kubectl("wait", "--for=condition=Ready", *(f"node/{n}" for n in names), "--timeout=120s")
 
 
 def _etcd_argv(state: Paths, binaries: build.Binaries) -> list[str]:
@@ -289,7 +302,10 @@ def _apiserver_argv(state: Paths, binaries: build.Binaries) -> list[str]:
         f"--service-account-signing-key-file={p / 'service-account.key'}",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         "--authorization-mode=RBAC",
-        "--service-cluster-ip-range=10.96.0.0/16",
+        f"--service-cluster-ip-range={network.SERVICE_CIDR}",
+        # The pod runner's node takes the runtime pods of the namespaces it serves.
+        "--feature-gates=MutatingAdmissionPolicy=true",
+        "--runtime-config=admissionregistration.k8s.io/v1beta1=true",
         # The "kubernetes" Service endpoints cannot point at a loopback address.
         "--endpoint-reconciler-type=none",
         f"--audit-policy-file={state.root / 'audit-policy.yaml'}",
@@ -347,10 +363,28 @@ def _kwok_argv(state: Paths, binaries: build.Binaries) -> list[str]:
         f"--kubeconfig={state.component_kubeconfig('kwok')}",
         "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        f"--cidr={POD_CIDR}",
+        f"--cidr={SIMULATED_POD_CIDR}",
         "--node-ip=127.0.0.1",
         f"--server-address=127.0.0.1:{_KWOK_PORT}",
         "--node-lease-duration-seconds=40",
+    ]
+
+
+def _kube_proxy_argv(state: Paths, binaries: build.Binaries) -> list[str]:
+    return [
+        str(binaries.kube_proxy),
+        f"--kubeconfig={state.component_kubeconfig('kube-proxy')}",
+        "--proxy-mode=nftables",
+        f"--hostname-override={network.NODE_NAME}",
+        f"--bind-address={network.GATEWAY}",
+        f"--cluster-cidr={network.POD_CIDR}",
+        f"--nodeport-addresses={network.GATEWAY}/32",
+        f"--metrics-bind-address=127.0.0.1:{_KUBE_PROXY_METRICS_PORT}",
+        f"--healthz-bind-address=127.0.0.1:{_KUBE_PROXY_HEALTHZ_PORT}",
+        # This machine's conntrack settings are not the dev cluster's to change.
+        "--conntrack-max-per-core=0",
+        "--conntrack-tcp-timeout-established=0",
+        "--conntrack-tcp-timeout-close-wait=0",
     ]
 
 
@@ -367,6 +401,9 @@ def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
     _start(state, "kube-controller-manager", _controller_manager_argv(state, binaries))
     _start(state, "kube-scheduler", _scheduler_argv(state, binaries))
     _start(state, "kwok", _kwok_argv(state, binaries))
+    # kube-proxy waits for its node's address: register the pod runner's node first.
+    kubectl("apply", "-f", "-", input=json.dumps(network.node()))
+    _start(state, "kube-proxy", _kube_proxy_argv(state, binaries))
 
 
 def up() -> Paths:
@@ -379,14 +416,25 @@ def up() -> Paths:
         _apply_nodes()
         return state
     _stop_processes(state)
-    if not (state.pki / "ca.crt").is_file():
+    network.setup()
+    if not all((state.pki / f"{stem}.crt").is_file() for stem, _, _ in pki.CLIENTS):
+        # An older cluster's PKI lacks a newer component's identity: start that cluster afresh.
+        subprocess.run(["rm", "-rf", str(state.root)], check=True)
         pki.generate(state.pki)
         _write_kubeconfig(state.kubeconfig, state, "admin")
-        for stem in ("controller-manager", "scheduler", "kwok"):
+        for stem in ("controller-manager", "scheduler", "kwok", "kube-proxy"):
             _write_kubeconfig(state.component_kubeconfig(stem), state, stem)
-    _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok")
+    _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kube-proxy")
     _start_control_plane(state, binaries)
     _apply_nodes()
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": network.placement_policy()}),
+    )
+    healthz = f"http://127.0.0.1:{_KUBE_PROXY_HEALTHZ_PORT}/healthz"
+    _wait("kube-proxy", lambda: _http_ok(healthz), 60, state, "kube-proxy")
     _log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {state.kubeconfig}")
     return state
 
@@ -424,6 +472,7 @@ def down() -> None:
     """Stops every component and removes the cluster's data, so the next `up` starts clean."""
     state = paths()
     _stop_processes(state)
+    network.teardown()
     if state.root.is_dir():
         subprocess.run(["rm", "-rf", str(state.root)], check=True)
     _log("down")

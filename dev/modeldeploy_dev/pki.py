@@ -20,6 +20,8 @@ CLIENTS = (
     ("controller-manager", "system:kube-controller-manager", None),
     ("scheduler", "system:kube-scheduler", None),
     ("kwok", "kwok-controller", "system:masters"),
+    # Bound to the system:node-proxier ClusterRole by the API server's default RBAC.
+    ("kube-proxy", "system:kube-proxy", None),
     ("apiserver-etcd-client", "kube-apiserver-etcd-client", None),
 )
 

@@ -1,5 +1,5 @@
 // Wrapper module: builds the local control plane (kube-apiserver, kube-controller-manager,
-// kube-scheduler, kubectl, etcd) from the k8s.io/kubernetes module through the Go module proxy.
+// kube-scheduler, kube-proxy, kubectl, etcd) from the k8s.io/kubernetes module through the Go module proxy.
 // k8s.io/kubernetes points its staging modules at local paths; replace them with the releases.
 module modeldeploy.io/tools/controlplane
 
