@@ -1,10 +1,10 @@
 """Builds the local control plane's binaries from Go modules into a cache outside the repository.
 
-Nothing is downloaded prebuilt: kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy,
-kubectl and etcd come from the wrapper module in `tools/controlplane` (which pins k8s.io/kubernetes
-and its staging modules), kwok and helm from `go install` at pinned versions. Each set lands in a folder
-named after its versions, written to a temporary folder first and renamed when complete, so an
-interrupted build is never mistaken for a finished one.
+Nothing is downloaded prebuilt: kube-apiserver, kube-controller-manager, kube-scheduler,
+kube-proxy, kubectl and etcd come from the wrapper module in `tools/controlplane` (which pins
+k8s.io/kubernetes and its staging modules), kwok and helm from `go install` at pinned versions.
+Each set lands in a folder named after its versions, written to a temporary folder first and
+renamed when complete, so an interrupted build is never mistaken for a finished one.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "run-pods":
         from modeldeploy_dev import podrunner
 
+        if not args.namespace:
+            raise RuntimeError("run-pods needs --namespace: the namespace whose pods it runs")
         podrunner.main(args.namespace)
     return 0
 
@@ -43,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "action",
         choices=["up", "down", "kubeconfig", "build", "run-pods"],
         help="up: start (idempotent), down: stop and delete, kubeconfig: print its path, "
-        "build: only build the binaries, run-pods: run real runtime processes behind the "
-        "simulated runtime pods (foreground)",
+        "build: only build the binaries, run-pods: be the node agent that runs the real runtime "
+        "behind a namespace's runtime pods, each in its own network namespace (foreground)",
     )
-    cluster.add_argument("--namespace", help="run-pods: only this namespace's pods")
+    cluster.add_argument(
+        "--namespace", help="run-pods (required): the namespace whose runtime pods to run"
+    )
     cluster.set_defaults(func=_cluster)
     generate = commands.add_parser(
         "generate",

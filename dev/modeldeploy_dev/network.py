@@ -14,10 +14,13 @@ MutatingAdmissionPolicy steers the CPU runtime pods of namespaces labelled
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,10 @@ def setup() -> None:
 def teardown() -> None:
     """Removes every pod namespace, the bridge (and with it the Service route) and our rules."""
     for name in pod_namespaces():
+        # Whatever a stopped pod runner left running in it goes with it.
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         _ip("netns", "delete", name, check=False)
     _ip("link", "delete", BRIDGE, check=False)
     if shutil.which("nft"):

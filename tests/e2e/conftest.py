@@ -102,12 +102,18 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture
 def runtime_pods(namespace: str) -> Iterator[None]:
     """Real runtime processes behind the namespace's runtime pods, for the test's duration."""
+    # Labelled before any pod exists, so every runtime pod of the test lands on the runner's node.
+    podrunner.serve_namespace(podrunner.Api(), namespace)
     stop = threading.Event()
     runner = threading.Thread(target=podrunner.run, args=(stop, namespace), daemon=True)
     runner.start()
     yield
     stop.set()
     runner.join(timeout=60)
+    # With no node agent left, nothing would finish the pods' deletion with the namespace's.
+    localcluster.kubectl(
+        "delete", "pods", "--all", "-n", namespace, "--grace-period=0", "--force", check=False
+    )
 
 
 @pytest.fixture(scope="session")
