@@ -27,8 +27,11 @@ class Frontend:
     ) -> None:
         self._config = config
         self._reuse_port = reuse_port
+        self._draining = False
+        app = rest.create_app(plane, config.max_request_bytes)
+        app.on_response_prepare.append(self._close_when_draining)
         self._runner = web.AppRunner(
-            rest.create_app(plane, config.max_request_bytes),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=FINISH_SECONDS,
@@ -59,12 +62,22 @@ class Frontend:
         await self._grpc.start()
         logger.info("listening: http %d, grpc %d", self.http_port, self.grpc_port)
 
+    async def _close_when_draining(self, _: web.Request, response: web.StreamResponse) -> None:
+        """While draining, every response closes its connection: a keep-alive client then
+        reconnects, and its next request goes to a pod still in the Service's endpoints instead
+        of meeting this one's closed listener."""
+        if self._draining:
+            # Keep-alive is decided before this hook runs: both the header and the decision.
+            response.force_close()
+            response.headers["Connection"] = "close"
+
     async def stop(self, drain: bool = True) -> None:
         """Keep serving through the drain delay, then stop accepting and finish in flight.
 
         Readiness already answers 503; the delay covers the time the cluster takes to
         take this pod out of its Services' endpoints, while clients still arrive.
         """
+        self._draining = True
         if drain and self._config.drain_seconds:
             logger.info(
                 "draining for %.1f s before closing the listeners", self._config.drain_seconds

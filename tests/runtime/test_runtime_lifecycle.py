@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import signal
 import subprocess
@@ -144,3 +145,36 @@ def test_a_client_that_hangs_up_cancels_its_queued_work(mlp_model: Path) -> None
     assert metric_value(text, "modeldeploy_batch_size_count", model="mlp") == 0
     assert metric_value(text, "modeldeploy_requests_total", outcome="client_error") == 1
     assert metric_value(text, "modeldeploy_inflight_requests", model="mlp") == 0
+
+
+def test_responses_during_the_drain_close_their_connections(mlp_model: Path) -> None:
+    """A keep-alive client reconnects (to a pod still in the endpoints) instead of finding its
+    connection closed under it when the drain ends."""
+    http_port, grpc_port = free_port(), free_port()
+    process = start_process(
+        [
+            "serve",
+            f"--model-path={mlp_model}",
+            "--model-name=m",
+            "--drain-seconds=2",
+            f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}",
+        ]
+    )
+    try:
+        wait_ready(process, http_port)
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+        connection.request("GET", "/v2/health/live")
+        before = connection.getresponse()
+        before.read()
+        process.send_signal(signal.SIGTERM)
+        while get(f"http://127.0.0.1:{http_port}/v2/health/ready")[0] != 503:
+            time.sleep(0.01)
+        connection.request("GET", "/v2/health/live")
+        during = connection.getresponse()
+        during.read()
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert before.status == 200 and before.getheader("Connection") != "close"
+    assert during.status == 200 and during.getheader("Connection") == "close"
