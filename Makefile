@@ -24,8 +24,8 @@ lint: venv
 
 # System tools the tests use that no Python or Go registry provides, from Debian's packages:
 # Lua for the Argo CD health check, Prometheus for the metrics end-to-end test, wrk for the
-# benchmarks and their smoke tests.
-DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk
+# benchmarks and their smoke tests, ip and nft for the local cluster's pod network.
+DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk ip:iproute2 nft:nftables
 tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
@@ -36,7 +36,7 @@ tools:
 test: lint tools
 	$(BIN)/pytest
 
-demo: venv
+demo: venv tools
 	$(BIN)/python demo/run.py
 
 demo-down: venv

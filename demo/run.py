@@ -1,9 +1,11 @@
 """`make demo`: the whole product on this machine, from nothing to live metrics in `kubectl get md`.
 
 Brings up the local cluster (building it the first time), installs the CRD, starts the operator
-and the local pod runner (real runtime processes behind the simulated pods), trains a small model,
-applies its ModelDeployment, waits until it is Ready, sends real traffic with an unchanged Open
-Inference Protocol client, and ends by showing the ModelDeployment with its live metrics. Everything
+and the local pod runner (the node agent that runs the real runtime behind the demo's pods, each in
+a network namespace of its own, and reports them Ready when their readiness probes pass), trains a
+small model, applies its ModelDeployment, waits until it is Ready, sends real traffic through its
+Service's ClusterIP with an unchanged Open Inference Protocol client, and ends by showing the
+ModelDeployment with its live metrics. Everything
 keeps running afterwards; `make demo-down` (this script with `--down`) stops it all.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import tritonclient.http as triton_http
 
-from modeldeploy_dev import build
+from modeldeploy_dev import build, network
 from modeldeploy_dev import cluster as localcluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +120,20 @@ def up(traffic_seconds: float) -> None:
     localcluster.kubectl(
         "wait", "--for=condition=Established", "crd/modeldeployments.modeldeploy.io"
     )
+    # A namespace left terminating by an earlier `--down` refuses new objects; one left by an
+    # earlier `make demo` is simply reused.
+    terminating = localcluster.kubectl(
+        "get", "namespace", NAMESPACE, "--ignore-not-found",
+        "-o", "jsonpath={.metadata.deletionTimestamp}",
+    )  # fmt: skip
+    if terminating.strip():
+        step(f"waiting for the namespace {NAMESPACE} left by an earlier run to go")
+        localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
+    localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    # Before any pod exists: the namespace's runtime pods go to the pod runner's node.
+    localcluster.kubectl(
+        "label", "namespace", NAMESPACE, f"{network.NAMESPACE_LABEL}=true", "--overwrite"
+    )
     _background(
         "operator",
         [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--health-port", "18090",
@@ -145,40 +161,27 @@ def up(traffic_seconds: float) -> None:
             "replicas": 2,
         },
     }
-    # A namespace left terminating by an earlier `--down` refuses new objects; one left by an
-    # earlier `make demo` is simply reused.
-    terminating = localcluster.kubectl(
-        "get", "namespace", NAMESPACE, "--ignore-not-found",
-        "-o", "jsonpath={.metadata.deletionTimestamp}",
-    )  # fmt: skip
-    if terminating.strip():
-        step(f"waiting for the namespace {NAMESPACE} left by an earlier run to go")
-        localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
-    localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
     step(f"applying ModelDeployment {NAMESPACE}/{NAME} (model sha256 {digest[:12]}...)")
     localcluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
     _wait_for("the ModelDeployment becoming Ready", _ready, 120)
-    step("Ready; waiting for the runtime processes behind its pods to answer")
     pods = json.loads(
         localcluster.kubectl(
             "get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={NAME}", "-o", "json"
         )
     )["items"]
-    urls = [f"{p['status']['podIP']}:8080" for p in pods if p["status"].get("podIP")]
-
-    def all_serving() -> bool:
-        try:
-            return all(triton_http.InferenceServerClient(u).is_model_ready(NAME) for u in urls)
-        except Exception:
-            return False
-
-    _wait_for("the runtime servers answering", all_serving, 120)
-    step(f"sending traffic from 8 clients to {', '.join(urls)} (at least {traffic_seconds:.0f}s)")
+    addresses = ", ".join(p["status"]["podIP"] for p in pods)
+    step(f"Ready: the readiness probes of its pods ({addresses}) pass")
+    cluster_ip = localcluster.kubectl(
+        "get", "service", NAME, "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}"
+    )
+    url = f"{cluster_ip}:8080"
+    step(
+        f"sending traffic from 8 clients to the Service's ClusterIP {url} (kube-proxy picks a "
+        f"ready pod; at least {traffic_seconds:.0f}s)"
+    )
     stop = threading.Event()
     done: list[tuple[float, float]] = []
-    clients = [
-        threading.Thread(target=_traffic, args=(url, stop, done)) for url in urls for _ in range(4)
-    ]
+    clients = [threading.Thread(target=_traffic, args=(url, stop, done)) for _ in range(8)]
     for client in clients:
         client.start()
     started, traffic_since = time.perf_counter(), time.time()

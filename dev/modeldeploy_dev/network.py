@@ -45,6 +45,8 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _require_tools() -> None:
+    if os.geteuid() != 0:
+        raise RuntimeError("the local cluster's pod network needs root (network namespaces)")
     missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(
@@ -94,10 +96,7 @@ def setup() -> None:
 def teardown() -> None:
     """Removes every pod namespace, the bridge (and with it the Service route) and our rules."""
     for name in pod_namespaces():
-        # Whatever a stopped pod runner left running in it goes with it.
-        for pid in _ip("netns", "pids", name, check=False).stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        _kill_all_in(name)
         _ip("netns", "delete", name, check=False)
     _ip("link", "delete", BRIDGE, check=False)
     if shutil.which("nft"):
@@ -139,10 +138,19 @@ def attach(pod_uid: str, address: str) -> str:
     return netns
 
 
+def _kill_all_in(netns: str) -> None:
+    """Whatever still runs in the namespace (a container's leftover children, or what a stopped
+    pod runner left behind) goes with it, as a container runtime kills a container's cgroup."""
+    for pid in _ip("netns", "pids", netns, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def detach(pod_uid: str) -> None:
     """Removes the pod's namespace (its veth pair goes with it)."""
     netns = netns_name(pod_uid)
     if (_NETNS_DIR / netns).exists():
+        _kill_all_in(netns)
         _ip("netns", "delete", netns, check=False)
     _ip("link", "delete", _veth_name(pod_uid), check=False)
 

@@ -45,6 +45,7 @@ _BACKOFF_START_S = 10
 _BACKOFF_MAX_S = 300
 _MESSAGE_BYTES = 2048
 _MESSAGE_LINES = 80
+_SHUTDOWN_GRACE_S = 1.0
 
 
 def _log(message: str) -> None:
@@ -335,8 +336,9 @@ class _PodWorker:
         self.deleting.set()
 
     def shut_down(self) -> None:
-        """The runner stops: so do the pod's processes, but the pod stays (as with a kubelet
-        that stops, its node goes NotReady)."""
+        """The runner stops: so do the pod's processes, at once (no drain: nothing routes to a
+        node without its agent for long), but the pod object stays, as when a node goes down."""
+        self.grace = _SHUTDOWN_GRACE_S
         self.deleting.set()
 
     def _condition(self, kind: str, value: bool) -> dict[str, Any]:
