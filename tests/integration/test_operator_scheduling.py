@@ -55,7 +55,9 @@ def test_impossible_gpu_request_is_not_ready_and_says_why(
 
     ready = wait_for("Ready=False with the scheduler's reason", unschedulable)
     assert ready["status"] == "False"
-    assert ready["message"].startswith("0/1 replicas ready, pods Pending: 0/4 nodes are available")
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    expected = f"0/1 replicas ready, pods Pending: 0/{len(nodes)} nodes are available"
+    assert ready["message"].startswith(expected)
     assert "Insufficient nvidia.com/gpu" in ready["message"]
     warnings = [e for e in events_about(cluster, namespace, "huge") if e["type"] == "Warning"]
     assert any(e["reason"] == "PodsUnschedulable" for e in warnings)
