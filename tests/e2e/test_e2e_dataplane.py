@@ -183,15 +183,26 @@ def test_a_cluster_ip_reaches_ready_pods_and_an_unready_pod_leaves_the_endpoints
     )
 
 
+@pytest.mark.parametrize(
+    ("checked", "reason", "container"),
+    [(True, "ModelFetchFailed", "initContainerStatuses"),
+     (False, "ModelLoadFailed", "containerStatuses")],
+    ids=["fails-its-sha256", "fails-to-load"],
+)  # fmt: skip
 def test_a_pod_with_a_corrupted_model_is_never_ready_and_never_gets_a_request(
     cluster: Cluster,
     namespace: str,
     model: Path,
     runtime_pods: None,
     operator: KopfRunner,
+    checked: bool,
+    reason: str,
+    container: str,
 ) -> None:
+    """The model file is corrupted under a serving ModelDeployment and a pod is replaced: with
+    a sha256 in the spec the fetch refuses it, without one the runtime cannot load it."""
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    url = _serve(cluster, namespace, model, sha256=digest)
+    url = _serve(cluster, namespace, model, **({"sha256": digest} if checked else {}))
     good = {p["metadata"]["name"]: p["status"]["podIP"] for p in _pods(cluster, namespace)}
     victim = sorted(good)[0]
     model.write_bytes(b"\x00 not an onnx model " * 40)
@@ -205,21 +216,22 @@ def test_a_pod_with_a_corrupted_model_is_never_ready_and_never_gets_a_request(
         bad = wait_for("the replacement pod", replacement)
         bad_ip = bad["status"]["podIP"]
 
-        def fetch_failed() -> dict[str, Any] | None:
+        def failed() -> dict[str, Any] | None:
             md = get(cluster, namespace, "md", "iris")
-            return md if "ModelFetchFailed" in condition(md, "Ready").get("reason", "") else None
+            return md if condition(md, "Ready").get("reason") == reason else None
 
-        # The operator reports it from the init container's state the pod runner wrote.
-        md = wait_for("the operator reporting the failed fetch", fetch_failed, timeout=60)
-        assert "sha256" in condition(md, "Ready")["message"]
+        # The operator reports it from the container states the pod runner wrote.
+        md = wait_for(f"the operator reporting {reason}", failed, timeout=60)
+        if checked:
+            assert "sha256" in condition(md, "Ready")["message"]
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             assert bad_ip not in _ready_endpoints(cluster, namespace, "iris")
             time.sleep(0.5)
     pod = get(cluster, namespace, "pod", bad["metadata"]["name"])
     assert pod is not None and not _ready(pod)
-    fetch = pod["status"]["initContainerStatuses"][0]
-    assert (fetch["lastState"] or fetch["state"])["terminated"]["exitCode"] != 0
+    failing = pod["status"][container][0]
+    assert (failing["lastState"] or failing["state"])["terminated"]["exitCode"] != 0
     # The good replica kept serving every request, through the deletion of the other one too.
     assert load.succeeded > 0 and load.failures == [], load.failures[:5]
 
