@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,7 @@ def test_a_rolling_update_under_load_loses_no_request(
     model: Path,
     runtime_pods: None,
     operator: KopfRunner,
+    record_property: Callable[[str, object], None],
 ) -> None:
     url = _serve(cluster, namespace, model)
     before = {p["metadata"]["name"] for p in _pods(cluster, namespace)}
@@ -267,6 +268,7 @@ def test_a_rolling_update_under_load_loses_no_request(
         time.sleep(2)
     md = get(cluster, namespace, "md", "iris")
     assert md is not None and md["status"]["model"]["version"] == "2"
-    print(f"rolling update: {load.succeeded} requests, {len(load.failures)} failed")
+    record_property("requests", load.succeeded + len(load.failures))
+    record_property("failed", len(load.failures))
     assert load.succeeded > 100
     assert load.failures == [], load.failures[:5]
