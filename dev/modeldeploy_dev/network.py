@@ -33,6 +33,8 @@ NODE_NAME = "pod-runner"
 NAMESPACE_LABEL = "modeldeploy.io/pod-runner"
 _NETNS_PREFIX = "mdpod-"
 _NETNS_DIR = Path("/run/netns")
+# `ip netns exec` mounts the files of /etc/netns/<name>/ over /etc/ for the command it runs.
+_NETNS_ETC = Path("/etc/netns")
 _NFT_TABLE = "modeldeploy-dev"
 _TAINT = {"key": NAMESPACE_LABEL, "value": "true", "effect": "NoSchedule"}
 
@@ -66,7 +68,7 @@ table inet {_NFT_TABLE} {{
     }}
     chain forward {{
         type filter hook forward priority 0; policy accept;
-        iifname "{BRIDGE}" oifname != "{BRIDGE}" drop
+        iifname "{BRIDGE}" oifname != "{BRIDGE}" reject with icmp type admin-prohibited
         oifname "{BRIDGE}" iifname != "{BRIDGE}" drop
     }}
 }}
@@ -98,6 +100,9 @@ def teardown() -> None:
     for name in pod_namespaces():
         _kill_all_in(name)
         _ip("netns", "delete", name, check=False)
+    if _NETNS_ETC.is_dir():
+        for leftover in _NETNS_ETC.glob(_NETNS_PREFIX + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     _ip("link", "delete", BRIDGE, check=False)
     if shutil.which("nft"):
         subprocess.run(["nft", "delete", "table", "inet", _NFT_TABLE], capture_output=True)
@@ -122,10 +127,19 @@ def _veth_name(pod_uid: str) -> str:
     return "mdv" + hashlib.sha256(pod_uid.encode()).hexdigest()[:12]
 
 
-def attach(pod_uid: str, address: str) -> str:
-    """A fresh network namespace for the pod with `address` on eth0; returns its name."""
+def attach(pod_uid: str, address: str, hostname: str) -> str:
+    """A fresh network namespace for the pod with `address` on eth0; returns its name.
+
+    Its processes see an /etc/hosts with the pod's name and address, as the kubelet writes one,
+    and no name server (this cluster has no DNS): a lookup fails at once instead of timing out
+    on the host's name server, which a pod cannot reach.
+    """
     netns = netns_name(pod_uid)
     detach(pod_uid)
+    etc = _NETNS_ETC / netns
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n{address}\t{hostname}\n")
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
     veth = _veth_name(pod_uid)
     prefix = ipaddress.ip_network(POD_CIDR).prefixlen
     _ip("netns", "add", netns)
@@ -152,6 +166,7 @@ def detach(pod_uid: str) -> None:
     if (_NETNS_DIR / netns).exists():
         _kill_all_in(netns)
         _ip("netns", "delete", netns, check=False)
+    shutil.rmtree(_NETNS_ETC / netns, ignore_errors=True)
     _ip("link", "delete", _veth_name(pod_uid), check=False)
 
 

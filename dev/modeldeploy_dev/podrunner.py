@@ -93,12 +93,36 @@ class Api:
         return items
 
 
-def serve_namespace(api: Api, namespace: str) -> None:
-    """Labels the namespace so its CPU runtime pods are placed on this runner's node."""
+def serve_namespace(api: Api, namespace: str, timeout: float = 30) -> None:
+    """Labels the namespace so its CPU runtime pods are placed on this runner's node; returns
+    once the API server places them so (its admission caches follow the label a moment later)."""
     patch = {"metadata": {"labels": {network.NAMESPACE_LABEL: "true"}}}
     if api.call("PATCH", f"/api/v1/namespaces/{namespace}", patch,
                 "application/merge-patch+json") is None:  # fmt: skip
         raise RuntimeError(f"namespace {namespace} does not exist")
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "placement-",
+            "labels": {"app.kubernetes.io/managed-by": "modeldeploy"},
+        },
+        "spec": {"containers": [{"name": "probe", "image": "registry.invalid/none:1"}]},
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pod = api.call("POST", f"/api/v1/namespaces/{namespace}/pods?dryRun=All", probe) or {}
+            if pod.get("spec", {}).get("nodeSelector", {}).get(network.NAMESPACE_LABEL):
+                return
+        except RuntimeError:
+            pass  # no default ServiceAccount yet in a new namespace
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"pods of namespace {namespace} are not placed on {network.NODE_NAME} after "
+                f"{timeout:.0f}s: is the cluster's placement policy installed (`cluster up`)?"
+            )
+        time.sleep(0.2)
 
 
 class _Node:
@@ -215,7 +239,7 @@ class _Addresses:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def take(self, uid: str) -> str:
+    def take(self, uid: str, hostname: str) -> str:
         with self._locked():
             used = set()
             for path in self._dir.iterdir():
@@ -228,7 +252,7 @@ class _Addresses:
                     used.add(path.name)
             address = network.free_address(used)
             (self._dir / address).write_text(uid)
-            network.attach(uid, address)
+            network.attach(uid, address, hostname)
             return address
 
     def release(self, uid: str, address: str) -> None:
@@ -381,7 +405,7 @@ class _PodWorker:
 
     def _live(self) -> None:
         try:
-            self.ip = self.addresses.take(self.uid)
+            self.ip = self.addresses.take(self.uid, self.pod["metadata"]["name"])
             _log(
                 f"{self.name}: network namespace {network.netns_name(self.uid)}, address {self.ip}"
             )
@@ -422,6 +446,8 @@ class _PodWorker:
 
     def _finished(self, container: _Container, code: int, log_offset: int) -> None:
         """Records a terminated run; the message is its log's tail (FallbackToLogsOnError)."""
+        if code < 0:
+            code = 128 - code  # killed by a signal: the exit code a container runtime reports
         log = self.workdir / "logs" / f"{container.spec['name']}.log"
         with log.open("rb") as f:
             f.seek(log_offset)

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import pytest
 import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
+from modeldeploy_contract import flags
 from modeldeploy_dev import network
 from operator_helpers import apply_md, condition, get, ready_md, wait_for
 from support import Cluster
@@ -272,3 +274,65 @@ def test_a_rolling_update_under_load_loses_no_request(
     record_property("failed", len(load.failures))
     assert load.succeeded > 100
     assert load.failures == [], load.failures[:5]
+
+
+_FLAKY_SERVER = """
+import http.server, os
+lives = 0
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global lives
+        if self.path == "/live":
+            lives += 1
+        self.send_response(500 if self.path == "/live" and lives > 3 else 200)
+        self.end_headers()
+    def log_message(self, *_):
+        pass
+http.server.HTTPServer((os.environ[HOST], 8080), Handler).serve_forever()
+""".replace("HOST", repr(flags.env(flags.HOST)))
+
+
+def test_a_container_failing_its_liveness_probe_is_restarted(
+    cluster: Cluster, namespace: str, runtime_pods: None
+) -> None:
+    """The pod runner runs any pod's probes as the kubelet does: this server's liveness endpoint
+    fails from its fourth call on, so it is Ready, then killed and started again."""
+    probe = {"httpGet": {"path": "/live", "port": "http"}, "periodSeconds": 1}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "flaky", "labels": {"app.kubernetes.io/managed-by": "modeldeploy"}},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "registry.invalid/none:1",
+                    "command": [sys.executable, "-c", _FLAKY_SERVER],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": probe | {"httpGet": {"path": "/ready", "port": "http"}},
+                    "livenessProbe": probe | {"failureThreshold": 2},
+                }
+            ],
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+
+    def status() -> dict[str, Any]:
+        found = get(cluster, namespace, "pod", "flaky")
+        assert found is not None
+        return dict(found.get("status", {}))
+
+    wait_for("flaky Ready", lambda: _ready({"status": status()}), timeout=30)
+    assert status()["podIP"].startswith("10.244.")
+
+    def restarted() -> dict[str, Any] | None:
+        statuses = status().get("containerStatuses", [])
+        return statuses[0] if statuses and statuses[0]["restartCount"] >= 1 else None
+
+    web = wait_for("a restart after the liveness probe failed", restarted, timeout=30)
+    assert web["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGTERM
+    assert not web["ready"]
+    # After the kubelet's first back-off (10 s) it runs, and passes its readiness probe, again.
+    wait_for("flaky Ready again", lambda: _ready({"status": status()}), timeout=30)
