@@ -105,7 +105,9 @@ def teardown() -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     _ip("link", "delete", BRIDGE, check=False)
     if shutil.which("nft"):
-        subprocess.run(["nft", "delete", "table", "inet", _NFT_TABLE], capture_output=True)
+        # The cluster's kube-proxy leaves its tables behind when it stops.
+        for family, table in (("inet", _NFT_TABLE), ("ip", "kube-proxy"), ("ip6", "kube-proxy")):
+            subprocess.run(["nft", "delete", "table", family, table], capture_output=True)
 
 
 def is_set_up() -> bool:
