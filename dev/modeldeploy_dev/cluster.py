@@ -34,7 +34,7 @@ _SCHEDULER_PORT = APISERVER_PORT + 2
 _KWOK_PORT = APISERVER_PORT + 3
 # KWOK gives pods addresses from a loopback range, so a local process can serve "as" a pod.
 POD_CIDR = "127.64.0.0/16"
-_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
@@ -183,7 +183,7 @@ def _start(state: Paths, component: str, argv: list[str]) -> None:
 
 def is_running() -> bool:
     state = paths()
-    return all(_pid_alive(state.pid(c)) for c in _COMPONENTS) and _https_ok(
+    return all(_pid_alive(state.pid(c)) for c in COMPONENTS) and _https_ok(
         state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"
     )
 
@@ -354,19 +354,57 @@ def _kwok_argv(state: Paths, binaries: build.Binaries) -> list[str]:
     ]
 
 
+_ARGV: dict[str, Callable[[Paths, build.Binaries], list[str]]] = {
+    "etcd": _etcd_argv,
+    "kube-apiserver": _apiserver_argv,
+    "kube-controller-manager": _controller_manager_argv,
+    "kube-scheduler": _scheduler_argv,
+    "kwok": _kwok_argv,
+}
+
+
+def _start_component(state: Paths, binaries: build.Binaries, component: str) -> None:
+    """Starts one component; etcd and the API server are waited for, as the others need them."""
+    if component == "kube-apiserver":
+        (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
+    _start(state, component, _ARGV[component](state, binaries))
+    if component == "etcd":
+        etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
+        _wait("etcd", lambda: _http_ok(etcd_health), 60, state, "etcd")
+    elif component == "kube-apiserver":
+        readyz = f"https://127.0.0.1:{APISERVER_PORT}/readyz"
+        _wait("kube-apiserver", lambda: _https_ok(state, readyz), 180, state, "kube-apiserver")
+
+
 def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
     """etcd, then the API server, then the components that talk to it, each once the one before
     answers."""
-    _start(state, "etcd", _etcd_argv(state, binaries))
-    etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
-    _wait("etcd", lambda: _http_ok(etcd_health), 60, state, "etcd")
-    (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
-    _start(state, "kube-apiserver", _apiserver_argv(state, binaries))
-    readyz = f"https://127.0.0.1:{APISERVER_PORT}/readyz"
-    _wait("kube-apiserver", lambda: _https_ok(state, readyz), 180, state, "kube-apiserver")
-    _start(state, "kube-controller-manager", _controller_manager_argv(state, binaries))
-    _start(state, "kube-scheduler", _scheduler_argv(state, binaries))
-    _start(state, "kwok", _kwok_argv(state, binaries))
+    for component in COMPONENTS:
+        _start_component(state, binaries, component)
+
+
+def stop_component(component: str, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Stops one component of the running cluster and waits until it is gone; the others keep
+    running. SIGKILL (the default) is a crash: the fault-injection tests use it."""
+    state = paths()
+    pid_file = state.pid(component)
+    if _pid_alive(pid_file):
+        pid = int(pid_file.read_text())
+        os.killpg(pid, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _process_exists(pid):
+            time.sleep(0.05)
+        if _process_exists(pid):
+            os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+
+
+def start_component(component: str) -> None:
+    """Starts a stopped component again, as `up` does; returns once it answers (etcd, the API
+    server). A running one is left alone."""
+    state = paths()
+    if not _pid_alive(state.pid(component)):
+        _start_component(state, build.binaries(), component)
 
 
 def up() -> Paths:
@@ -393,7 +431,7 @@ def up() -> Paths:
 
 def _stop_processes(state: Paths) -> None:
     alive: list[int] = []
-    for component in reversed(_COMPONENTS):
+    for component in reversed(COMPONENTS):
         pid_file = state.pid(component)
         if _pid_alive(pid_file):
             pid = int(pid_file.read_text())
