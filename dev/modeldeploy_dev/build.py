@@ -2,8 +2,8 @@
 
 Nothing is downloaded prebuilt: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and
 etcd come from the wrapper module in `tools/controlplane` (which pins k8s.io/kubernetes and its
-staging modules), kwok and helm from `go install` at pinned versions, Traefik from the wrapper module
-in `tools/traefik`, next to the Gateway API CRDs it implements, copied from the
+staging modules), kwok and helm from `go install` at pinned versions, Traefik from the wrapper
+module in `tools/traefik`, next to the Gateway API CRDs it implements, copied from the
 `sigs.k8s.io/gateway-api` module in the Go module cache. Each set lands in a folder
 named after its versions, written to a temporary folder first and renamed when complete, so an
 interrupted build is never mistaken for a finished one.
