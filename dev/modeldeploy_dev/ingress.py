@@ -158,9 +158,8 @@ def install_gateway_api(binaries: build.Binaries) -> None:
     """The standard-channel Gateway API CRDs, established before anything uses them."""
     cluster.kubectl("apply", "--server-side", "-f", str(binaries.gateway_api_crds))
     cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd", "-l",
-        "gateway.networking.k8s.io/bundle-version",
-    )  # fmt: skip
+        "wait", "--for=condition=Established", "--timeout=60s", "-f", str(binaries.gateway_api_crds)
+    )
 
 
 def up(state: cluster.Paths, binaries: build.Binaries) -> None:
