@@ -8,7 +8,6 @@ this machine's own address, and the route's Service gets an EndpointSlice naming
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from kopf.testing import KopfRunner
 
 from modeldeploy_dev import ingress
 from operator_helpers import apply_md, free_port, ready_md, wait_for
-from support import Cluster
+from support import Cluster, host_address
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +38,6 @@ def _spec(model: Path) -> dict[str, Any]:
     }
 
 
-def _host_address() -> str:
-    """This machine's address outside 127.0.0.0/8: an EndpointSlice may not name a loopback one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("192.0.2.255", 9))  # sends nothing: only picks the outgoing interface
-        address: str = probe.getsockname()[0]
-    assert not address.startswith("127."), address
-    return address
-
-
 @pytest.fixture
 def served_here(tmp_path: Path, demo_model: Path) -> Iterator[tuple[str, int]]:
     manifest = tmp_path / "md.yaml"
@@ -58,7 +48,7 @@ def served_here(tmp_path: Path, demo_model: Path) -> Iterator[tuple[str, int]]:
         "spec": _spec(demo_model),
     }
     manifest.write_text(yaml.safe_dump(body))
-    address, port = _host_address(), free_port()
+    address, port = host_address(), free_port()
     process = subprocess.Popen(
         [MODELDEPLOY, "serve", "-f", str(manifest), "--host", address,
          "--http-port", str(port), "--grpc-port", str(free_port()),

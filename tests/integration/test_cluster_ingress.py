@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -16,18 +15,9 @@ import pytest
 
 from modeldeploy_dev import build, ingress
 from operator_helpers import get, wait_for
-from support import Cluster
+from support import Cluster, host_address
 
 pytestmark = pytest.mark.integration
-
-
-def _host_address() -> str:
-    """This machine's address outside 127.0.0.0/8: an EndpointSlice may not name a loopback one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("192.0.2.255", 9))  # sends nothing: only picks the outgoing interface
-        address: str = probe.getsockname()[0]
-    assert not address.startswith("127."), address
-    return address
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
@@ -46,7 +36,7 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def backend(cluster: Cluster, namespace: str) -> Iterator[None]:
     """The Service `echo` whose one endpoint is a real HTTP server on this machine."""
-    address = _host_address()
+    address = host_address()
     server = http.server.ThreadingHTTPServer((address, 0), _Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     objects: list[dict[str, Any]] = [
