@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from typing import Any
 
 from modeldeploy_dev import build, cluster, pki
@@ -169,8 +168,8 @@ def up(state: cluster.Paths, binaries: build.Binaries) -> None:
     kubeconfig = state.component_kubeconfig(COMPONENT)
     cluster._write_kubeconfig(kubeconfig, state, COMPONENT)
     install_gateway_api(binaries)
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"kind": "List", "apiVersion": "v1",
-                                                          "items": _objects()}))  # fmt: skip
+    objects = {"apiVersion": "v1", "kind": "List", "items": _objects()}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(objects))
     if not cluster._pid_alive(state.pid(COMPONENT)):
         cluster._start(state, COMPONENT, _argv(binaries), env={"KUBECONFIG": str(kubeconfig)})
     ping = f"http://127.0.0.1:{_ADMIN_PORT}/ping"
@@ -188,10 +187,4 @@ def remove_gateway_api(state: cluster.Paths, binaries: build.Binaries) -> None:
     """Stops Traefik and deletes the Gateway API CRDs (and every object of their kinds): for
     tests of a cluster without them. `up` puts everything back."""
     down(state)
-    subprocess.run(
-        [
-            str(binaries.kubectl), "--kubeconfig", str(cluster.kubeconfig_path()), "delete",
-            "--wait", "--ignore-not-found", "-f", str(binaries.gateway_api_crds),
-        ],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cluster.kubectl("delete", "--wait", "--ignore-not-found", "-f", str(binaries.gateway_api_crds))
