@@ -196,14 +196,15 @@ def _route_verdict(
         conditions = {c.get("type"): c for c in (entry or {}).get("conditions", [])}
         for kind in _ROUTE_CONDITIONS:
             condition = conditions.get(kind, {})
-            if condition.get("observedGeneration", 0) < generation:
+            current = condition.get("observedGeneration", 0) >= generation
+            if not current or condition.get("status") not in ("True", "False"):
                 return Verdict(
                     False,
                     False,
                     "RouteProgressing",
                     f"waiting for Gateway {gateway} to accept the HTTPRoute",
                 )
-            if condition.get("status") != "True":
+            if condition["status"] == "False":
                 return Verdict(
                     False,
                     True,

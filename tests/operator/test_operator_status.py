@@ -225,7 +225,8 @@ def test_an_accepted_route_with_resolved_refs_is_ready_at_the_gateways_url() -> 
 
 
 def test_a_route_no_gateway_has_answered_yet_keeps_it_reconciling() -> None:
-    for route in (_route(), _route(generation=2, **ACCEPTED)):
+    unknown = {"Accepted": ("Unknown", "Pending"), "ResolvedRefs": ("True", "ResolvedRefs")}
+    for route in (_route(), _route(generation=2, **ACCEPTED), _route(**unknown)):
         conditions = _routed(route)
         assert conditions["Ready"].status == "False"
         assert conditions["Reconciling"].status == "True"
