@@ -167,7 +167,9 @@ def _wait(
     raise RuntimeError(f"{what} did not come up; last lines of {state.log(component)}:\n{tail}")
 
 
-def _start(state: Paths, component: str, argv: list[str]) -> None:
+def _start(
+    state: Paths, component: str, argv: list[str], env: dict[str, str] | None = None
+) -> None:
     state.log(component).parent.mkdir(parents=True, exist_ok=True)
     state.pid(component).parent.mkdir(parents=True, exist_ok=True)
     with state.log(component).open("ab") as log:
@@ -177,6 +179,7 @@ def _start(state: Paths, component: str, argv: list[str]) -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=None if env is None else os.environ | env,
         )
     state.pid(component).write_text(str(process.pid))
 
@@ -409,13 +412,17 @@ def start_component(component: str) -> None:
 
 def up() -> Paths:
     """Brings the cluster up (building binaries first if needed); a running one is reused."""
+    from modeldeploy_dev import ingress
+
     started = time.monotonic()
     binaries = build.build_all()
     state = paths()
     if is_running():
         _log(f"already running; kubeconfig: {state.kubeconfig}")
         _apply_nodes()
+        ingress.up(state, binaries)
         return state
+    ingress.down(state)
     _stop_processes(state)
     if not (state.pki / "ca.crt").is_file():
         pki.generate(state.pki)
@@ -425,13 +432,15 @@ def up() -> Paths:
     _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok")
     _start_control_plane(state, binaries)
     _apply_nodes()
+    _log(f"starting traefik; Ingresses and the Gateway are served on {ingress.url()}")
+    ingress.up(state, binaries)
     _log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {state.kubeconfig}")
     return state
 
 
-def _stop_processes(state: Paths) -> None:
+def _stop_processes(state: Paths, components: tuple[str, ...] = COMPONENTS) -> None:
     alive: list[int] = []
-    for component in reversed(COMPONENTS):
+    for component in reversed(components):
         pid_file = state.pid(component)
         if _pid_alive(pid_file):
             pid = int(pid_file.read_text())
@@ -460,7 +469,10 @@ def _process_exists(pid: int) -> bool:
 
 def down() -> None:
     """Stops every component and removes the cluster's data, so the next `up` starts clean."""
+    from modeldeploy_dev import ingress
+
     state = paths()
+    ingress.down(state)
     _stop_processes(state)
     if state.root.is_dir():
         subprocess.run(["rm", "-rf", str(state.root)], check=True)

@@ -190,7 +190,7 @@ def _slim_model_deployment(body: kopf.Body) -> api.Object:
 
 def _slim_child(body: kopf.Body, keep_status: bool) -> api.Object:
     """A child as the diff reads it: without managedFields (often the largest part), and without
-    status unless the status computation reads it (the Deployment's)."""
+    status unless the status computation reads it (the Deployment's and the HTTPRoute's)."""
     child = {k: copy.deepcopy(v) for k, v in body.items() if k != "status" or keep_status}
     child["metadata"].pop("managedFields", None)
     return child
@@ -209,7 +209,7 @@ def _index_child(
     instance = labels.get(builders.LABEL_INSTANCE)
     if not instance:
         return {}
-    keep_status = resource.plural == builders.DEPLOYMENT.plural
+    keep_status = resource.plural in (builders.DEPLOYMENT.plural, builders.HTTP_ROUTE.plural)
     return {(namespace or "", instance): _slim_child(body, keep_status)}
 
 

@@ -28,7 +28,7 @@ class Frontend:
         self._config = config
         self._reuse_port = reuse_port
         self._runner = web.AppRunner(
-            rest.create_app(plane, config.max_request_bytes),
+            rest.create_app(plane, config.max_request_bytes, config.path_prefix),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=FINISH_SECONDS,
