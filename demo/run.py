@@ -5,8 +5,8 @@ and the local pod runner (the node agent that runs the real runtime behind the d
 a network namespace of its own, and reports them Ready when their readiness probes pass), trains a
 small model, applies its ModelDeployment, waits until it is Ready, sends real traffic through its
 Service's ClusterIP with an unchanged Open Inference Protocol client, and ends by showing the
-ModelDeployment with its live metrics. Everything
-keeps running afterwards; `make demo-down` (this script with `--down`) stops it all.
+ModelDeployment with its live metrics. Everything keeps running afterwards; `make demo-down` (this
+script with `--down`) stops it all.
 """
 
 from __future__ import annotations

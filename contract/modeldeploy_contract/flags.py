@@ -38,6 +38,8 @@ CUDNN_CONV_ALGO_SEARCH = "cudnn_conv_algo_search"
 DRAIN_SECONDS = "drain_seconds"
 HTTP_PORT = "http_port"
 GRPC_PORT = "grpc_port"
+# The HTTP routes are also served under this prefix (the Ingress or HTTPRoute path).
+PATH_PREFIX = "path_prefix"
 # Environment only: local choices of the machine, not of the ModelDeployment.
 HOST = "host"
 CACHE_DIR = "cache_dir"
@@ -62,6 +64,7 @@ SERVE_FLAGS = (
     DRAIN_SECONDS,
     HTTP_PORT,
     GRPC_PORT,
+    PATH_PREFIX,
 )
 
 

@@ -10,6 +10,10 @@ SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 # A model's name appears in URLs (/v2/models/<name>) and as a metric label.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 MODEL_NAME_MAX_LENGTH = 63
+# The path an Ingress or HTTPRoute serves ("/", "/ml", "/teams/ml/"), and the prefix the runtime
+# then serves its routes under too: the path without its trailing slash ("", "/ml", "/teams/ml").
+HTTP_PATH_PATTERN = r"^(/|(/[A-Za-z0-9._~-]+)+/?)$"
+PATH_PREFIX_PATTERN = r"^(/[A-Za-z0-9._~-]+)*$"
 
 MAX_BATCH_SIZE = 32
 MAX_BATCH_DELAY_MS = 5

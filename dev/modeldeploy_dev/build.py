@@ -2,13 +2,16 @@
 
 Nothing is downloaded prebuilt: kube-apiserver, kube-controller-manager, kube-scheduler,
 kube-proxy, kubectl and etcd come from the wrapper module in `tools/controlplane` (which pins
-k8s.io/kubernetes and its staging modules), kwok and helm from `go install` at pinned versions.
-Each set lands in a folder named after its versions, written to a temporary folder first and
-renamed when complete, so an interrupted build is never mistaken for a finished one.
+k8s.io/kubernetes and its staging modules), kwok and helm from `go install` at pinned versions,
+Traefik from the wrapper module in `tools/traefik`, next to the Gateway API CRDs it implements,
+copied from the `sigs.k8s.io/gateway-api` module in the Go module cache. Each set lands in a folder
+named after its versions, written to a temporary folder first and renamed when complete, so an
+interrupted build is never mistaken for a finished one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +27,10 @@ KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"  # the etcd that k8s.io/kubernetes v1.34.4 itself requires
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.21.4"
+# v3.7.x does not build from the module proxy: it serves neither Traefik's fork
+# github.com/containous/go-http-auth at the pseudo-version v3.7.13 pins, nor a dozen ACME DNS SDKs.
+TRAEFIK_VERSION = "v3.6.12"
+GATEWAY_API_VERSION = "v1.4.0"  # the version Traefik v3.6.12 is built against
 
 _VERSION_PACKAGES = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
 
@@ -43,6 +50,8 @@ class Binaries:
     etcd: Path
     kwok: Path
     helm: Path
+    traefik: Path
+    gateway_api_crds: Path
     kube_proxy: Path
 
     def all_present(self) -> bool:
@@ -52,6 +61,7 @@ class Binaries:
 def binaries() -> Binaries:
     root = cache_dir() / "bin"
     controlplane = root / f"kubernetes-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
+    ingress = root / f"traefik-{TRAEFIK_VERSION}-gateway-api-{GATEWAY_API_VERSION}"
     return Binaries(
         kube_apiserver=controlplane / "kube-apiserver",
         kube_controller_manager=controlplane / "kube-controller-manager",
@@ -60,6 +70,8 @@ def binaries() -> Binaries:
         etcd=controlplane / "etcd",
         kwok=root / f"kwok-{KWOK_VERSION}" / "kwok",
         helm=root / f"helm-{HELM_VERSION}-kube-{KUBERNETES_VERSION}" / "helm",
+        traefik=ingress / "traefik",
+        gateway_api_crds=ingress / "gateway-api-standard.yaml",
         kube_proxy=root / f"kube-proxy-{KUBERNETES_VERSION}" / "kube-proxy",
     )
 
@@ -91,7 +103,9 @@ def _log(message: str) -> None:
     print(f"[modeldeploy build] {message}", file=sys.stderr, flush=True)
 
 
-def _go(args: list[str], *, what: str, cwd: Path | None = None, gobin: Path | None = None) -> None:
+def _go(
+    args: list[str], *, what: str, cwd: Path | None = None, gobin: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Runs one `go` command, reporting elapsed time while it runs (a cold build takes minutes)."""
     env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-buildvcs=false")
     if gobin is not None:
@@ -112,6 +126,7 @@ def _go(args: list[str], *, what: str, cwd: Path | None = None, gobin: Path | No
     if result.returncode != 0:
         raise RuntimeError(f"building {what} failed: go {' '.join(args)}\n{result.stderr[-4000:]}")
     _log(f"built {what} in {time.monotonic() - started:.0f}s")
+    return result
 
 
 def _build_into(final: Path, build: list[tuple[str, list[str], Path | None]]) -> None:
@@ -123,6 +138,29 @@ def _build_into(final: Path, build: list[tuple[str, list[str], Path | None]]) ->
     for what, args, cwd in build:
         gobin = staging if args[0] == "install" else None
         _go(args, what=what, cwd=cwd, gobin=gobin)
+    staging.rename(final)
+
+
+def _build_ingress(final: Path) -> None:
+    """Traefik, and the standard-channel Gateway API CRDs as one YAML stream beside it."""
+    if final.is_dir():
+        return
+    staging = final.with_name(final.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    wrapper = checkout.root() / "tools" / "traefik"
+    ldflags = f"-s -w -X github.com/traefik/traefik/v3/pkg/version.Version={TRAEFIK_VERSION}"
+    package = "github.com/traefik/traefik/v3/cmd/traefik"
+    _go(
+        ["build", "-trimpath", "-ldflags", ldflags, "-o", str(staging / "traefik"), package],
+        what=f"traefik {TRAEFIK_VERSION}",
+        cwd=wrapper,
+    )
+    module = f"sigs.k8s.io/gateway-api@{GATEWAY_API_VERSION}"
+    downloaded = _go(["mod", "download", "-json", module], what=module, cwd=wrapper)
+    standard = Path(json.loads(downloaded.stdout)["Dir"]) / "config" / "crd" / "standard"
+    documents = [path.read_text() for path in sorted(standard.glob("*.yaml"))]
+    (staging / "gateway-api-standard.yaml").write_text("---\n".join(documents))
     staging.rename(final)
 
 
@@ -193,5 +231,6 @@ def build_all() -> Binaries:
             )
         ],
     )
+    _build_ingress(wanted.traefik.parent)
     _log(f"all binaries ready in {time.monotonic() - started:.0f}s under {cache_dir() / 'bin'}")
     return wanted

@@ -39,7 +39,7 @@ _KUBE_PROXY_HEALTHZ_PORT = APISERVER_PORT + 11
 # The pods KWOK simulates get loopback addresses: nothing runs behind them (the scale benchmark
 # answers for them on 0.0.0.0). The pod runner's pods get real ones from network.POD_CIDR.
 SIMULATED_POD_CIDR = "127.64.0.0/16"
-_COMPONENTS = (
+COMPONENTS = (
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
@@ -179,7 +179,9 @@ def _wait(
     raise RuntimeError(f"{what} did not come up; last lines of {state.log(component)}:\n{tail}")
 
 
-def _start(state: Paths, component: str, argv: list[str]) -> None:
+def _start(
+    state: Paths, component: str, argv: list[str], env: dict[str, str] | None = None
+) -> None:
     state.log(component).parent.mkdir(parents=True, exist_ok=True)
     state.pid(component).parent.mkdir(parents=True, exist_ok=True)
     with state.log(component).open("ab") as log:
@@ -189,13 +191,14 @@ def _start(state: Paths, component: str, argv: list[str]) -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=None if env is None else os.environ | env,
         )
     state.pid(component).write_text(str(process.pid))
 
 
 def is_running() -> bool:
     state = paths()
-    return all(_pid_alive(state.pid(c)) for c in _COMPONENTS) and _https_ok(
+    return all(_pid_alive(state.pid(c)) for c in COMPONENTS) and _https_ok(
         state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"
     )
 
@@ -388,33 +391,76 @@ def _kube_proxy_argv(state: Paths, binaries: build.Binaries) -> list[str]:
     ]
 
 
+_ARGV: dict[str, Callable[[Paths, build.Binaries], list[str]]] = {
+    "etcd": _etcd_argv,
+    "kube-apiserver": _apiserver_argv,
+    "kube-controller-manager": _controller_manager_argv,
+    "kube-scheduler": _scheduler_argv,
+    "kwok": _kwok_argv,
+    "kube-proxy": _kube_proxy_argv,
+}
+
+
+def _start_component(state: Paths, binaries: build.Binaries, component: str) -> None:
+    """Starts one component; etcd and the API server are waited for, as the others need them."""
+    if component == "kube-apiserver":
+        (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
+    elif component == "kube-proxy":
+        # kube-proxy waits for its node's address: register the pod runner's node first.
+        kubectl("apply", "-f", "-", input=json.dumps(network.node()))
+    _start(state, component, _ARGV[component](state, binaries))
+    if component == "etcd":
+        etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
+        _wait("etcd", lambda: _http_ok(etcd_health), 60, state, "etcd")
+    elif component == "kube-apiserver":
+        readyz = f"https://127.0.0.1:{APISERVER_PORT}/readyz"
+        _wait("kube-apiserver", lambda: _https_ok(state, readyz), 180, state, "kube-apiserver")
+
+
 def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
     """etcd, then the API server, then the components that talk to it, each once the one before
     answers."""
-    _start(state, "etcd", _etcd_argv(state, binaries))
-    etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
-    _wait("etcd", lambda: _http_ok(etcd_health), 60, state, "etcd")
-    (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
-    _start(state, "kube-apiserver", _apiserver_argv(state, binaries))
-    readyz = f"https://127.0.0.1:{APISERVER_PORT}/readyz"
-    _wait("kube-apiserver", lambda: _https_ok(state, readyz), 180, state, "kube-apiserver")
-    _start(state, "kube-controller-manager", _controller_manager_argv(state, binaries))
-    _start(state, "kube-scheduler", _scheduler_argv(state, binaries))
-    _start(state, "kwok", _kwok_argv(state, binaries))
-    # kube-proxy waits for its node's address: register the pod runner's node first.
-    kubectl("apply", "-f", "-", input=json.dumps(network.node()))
-    _start(state, "kube-proxy", _kube_proxy_argv(state, binaries))
+    for component in COMPONENTS:
+        _start_component(state, binaries, component)
+
+
+def stop_component(component: str, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Stops one component of the running cluster and waits until it is gone; the others keep
+    running. SIGKILL (the default) is a crash: the fault-injection tests use it."""
+    state = paths()
+    pid_file = state.pid(component)
+    if _pid_alive(pid_file):
+        pid = int(pid_file.read_text())
+        os.killpg(pid, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _process_exists(pid):
+            time.sleep(0.05)
+        if _process_exists(pid):
+            os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+
+
+def start_component(component: str) -> None:
+    """Starts a stopped component again, as `up` does; returns once it answers (etcd, the API
+    server). A running one is left alone."""
+    state = paths()
+    if not _pid_alive(state.pid(component)):
+        _start_component(state, build.binaries(), component)
 
 
 def up() -> Paths:
     """Brings the cluster up (building binaries first if needed); a running one is reused."""
+    from modeldeploy_dev import ingress
+
     started = time.monotonic()
     binaries = build.build_all()
     state = paths()
     if is_running():
         _log(f"already running; kubeconfig: {state.kubeconfig}")
         _apply_nodes()
+        ingress.up(state, binaries)
         return state
+    ingress.down(state)
     _stop_processes(state)
     network.setup()
     if not all((state.pki / f"{stem}.crt").is_file() for stem, _, _ in pki.CLIENTS):
@@ -427,21 +473,19 @@ def up() -> Paths:
     _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kube-proxy")
     _start_control_plane(state, binaries)
     _apply_nodes()
-    kubectl(
-        "apply",
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": network.placement_policy()}),
-    )
+    policy = {"apiVersion": "v1", "kind": "List", "items": network.placement_policy()}
+    kubectl("apply", "-f", "-", input=json.dumps(policy))
     healthz = f"http://127.0.0.1:{_KUBE_PROXY_HEALTHZ_PORT}/healthz"
     _wait("kube-proxy", lambda: _http_ok(healthz), 60, state, "kube-proxy")
+    _log(f"starting traefik; Ingresses and the Gateway are served on {ingress.url()}")
+    ingress.up(state, binaries)
     _log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {state.kubeconfig}")
     return state
 
 
-def _stop_processes(state: Paths) -> None:
+def _stop_processes(state: Paths, components: tuple[str, ...] = COMPONENTS) -> None:
     alive: list[int] = []
-    for component in reversed(_COMPONENTS):
+    for component in reversed(components):
         pid_file = state.pid(component)
         if _pid_alive(pid_file):
             pid = int(pid_file.read_text())
@@ -470,7 +514,10 @@ def _process_exists(pid: int) -> bool:
 
 def down() -> None:
     """Stops every component and removes the cluster's data, so the next `up` starts clean."""
+    from modeldeploy_dev import ingress
+
     state = paths()
+    ingress.down(state)
     _stop_processes(state)
     network.teardown()
     if state.root.is_dir():

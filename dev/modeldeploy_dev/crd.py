@@ -30,6 +30,7 @@ _KEPT_KEYWORDS = (
     "maximum",
     "minLength",
     "maxLength",
+    "minItems",
     "maxItems",
     "pattern",
 )

@@ -20,6 +20,7 @@ CLIENTS = (
     ("controller-manager", "system:kube-controller-manager", None),
     ("scheduler", "system:kube-scheduler", None),
     ("kwok", "kwok-controller", "system:masters"),
+    ("traefik", "modeldeploy-traefik", None),
     # Bound to the system:node-proxier ClusterRole by the API server's default RBAC.
     ("kube-proxy", "system:kube-proxy", None),
     ("apiserver-etcd-client", "kube-apiserver-etcd-client", None),
@@ -76,6 +77,22 @@ def _issue(
     cert = builder.sign(ca_key, hashes.SHA256())
     (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(directory / f"{stem}.key", key)
+
+
+def issue_client(directory: Path, stem: str) -> None:
+    """Issues one client certificate of CLIENTS with the existing CA (for a cluster whose
+    certificates were generated before that client was added)."""
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    _, common_name, organization = next(client for client in CLIENTS if client[0] == stem)
+    _issue(
+        directory,
+        stem,
+        _name(common_name, organization),
+        (ca_cert, ca_key),
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
 
 
 def generate(directory: Path) -> None:

@@ -55,7 +55,17 @@ INGRESS = Kind("networking.k8s.io/v1", "Ingress", "ingresses")
 AUTOSCALER = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 DISRUPTION_BUDGET = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 NETWORK_POLICY = Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
-CHILD_KINDS = (DEPLOYMENT, SERVICE, INGRESS, AUTOSCALER, DISRUPTION_BUDGET, NETWORK_POLICY)
+# Last: of all children only its API may be missing (the Gateway API CRDs are an add-on).
+HTTP_ROUTE = Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes")
+CHILD_KINDS = (
+    DEPLOYMENT,
+    SERVICE,
+    INGRESS,
+    AUTOSCALER,
+    DISRUPTION_BUDGET,
+    NETWORK_POLICY,
+    HTTP_ROUTE,
+)
 
 
 @dataclass(frozen=True)
@@ -181,11 +191,19 @@ def serve_settings(
         settings[flags.CUDNN_CONV_ALGO_SEARCH] = runtime.cudnn_conv_algo_search
     if spec.model.version:
         settings[flags.MODEL_VERSION] = spec.model.version
+    if path_prefix(spec):
+        settings[flags.PATH_PREFIX] = path_prefix(spec)
     if spec.calibration_uri:
         settings[flags.CALIBRATION_PATH] = paths.artifact_path(
             calibration_dir, spec.calibration_uri
         )
     return settings
+
+
+def path_prefix(spec: api.ModelDeploymentSpec) -> str:
+    """The path the Ingress or HTTPRoute serves, without its trailing slash ("" for "/")."""
+    routed = spec.ingress or spec.gateway
+    return routed.path.rstrip("/") if routed else ""
 
 
 def _pvc_mounts(uris: list[str]) -> tuple[list[api.Object], list[api.Object]]:
@@ -420,6 +438,27 @@ def ingress(owner: Owner, settings: api.IngressSettings) -> api.Object:
     return _object(INGRESS, owner, ingress_spec)
 
 
+def http_route(owner: Owner, settings: api.GatewaySettings) -> api.Object:
+    """An HTTPRoute from the Gateways' listeners to the Service's HTTP port; the path is kept,
+    since the runtime serves under it."""
+    return _object(
+        HTTP_ROUTE,
+        owner,
+        {
+            "parentRefs": [
+                ref.model_dump(by_alias=True, exclude_none=True) for ref in settings.parent_refs
+            ],
+            "hostnames": list(settings.hostnames),
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": settings.path}}],
+                    "backendRefs": [{"name": owner.name, "port": paths.HTTP_PORT}],
+                }
+            ],
+        },
+    )
+
+
 def autoscaler(owner: Owner, settings: api.Autoscaling) -> api.Object:
     metric: api.Object
     if settings.metric == "concurrency":
@@ -495,13 +534,22 @@ def children(
         wanted[DISRUPTION_BUDGET] = disruption_budget(owner, spec.disruption_budget)
     if spec.network_policy:
         wanted[NETWORK_POLICY] = network_policy(owner, spec.network_policy)
+    if spec.gateway:
+        wanted[HTTP_ROUTE] = http_route(owner, spec.gateway)
     return wanted
 
 
 def url(owner: Owner, spec: api.ModelDeploymentSpec) -> str:
-    """Where clients send inference requests: the Ingress if any, else the Service."""
-    path = f"/v2/models/{model_name(owner, spec)}"
+    """Where clients send inference requests: the Ingress or HTTPRoute if any, else the Service.
+
+    Through a Gateway the scheme is https when a parent reference names port 443: the route does
+    not say more about its listeners.
+    """
+    path = f"{path_prefix(spec)}/v2/models/{model_name(owner, spec)}"
     if spec.ingress:
         scheme = "https" if spec.ingress.tls_secret_name else "http"
-        return f"{scheme}://{spec.ingress.host}{spec.ingress.path.rstrip('/')}{path}"
+        return f"{scheme}://{spec.ingress.host}{path}"
+    if spec.gateway:
+        secure = any(ref.port == 443 for ref in spec.gateway.parent_refs)
+        return f"{'https' if secure else 'http'}://{spec.gateway.hostnames[0]}{path}"
     return f"http://{owner.name}.{owner.namespace}.svc:{paths.HTTP_PORT}{path}"

@@ -115,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--prometheus-url", help=_help("prometheus_url"))
     run.add_argument("--metrics-interval", metavar="S", help=_help("metrics_interval"))
     run.add_argument("--metrics-window", metavar="S", help=_help("metrics_window"))
+    run.add_argument("--resync-interval", metavar="S", help=_help("resync_interval"))
     run.add_argument("--reconcile-workers", metavar="N", help=_help("reconcile_workers"))
     run.add_argument("--log-format", choices=["json", "plain"], help=_help("log_format"))
     run.add_argument("--verbose", action="store_const", const=True, help="debug logging")

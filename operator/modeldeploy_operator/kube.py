@@ -53,6 +53,12 @@ def is_permanent(error: Exception) -> bool:
     return isinstance(error, ApiError) and error.status in (400, 403, 409, 422)
 
 
+def is_unserved(error: Exception) -> bool:
+    """Whether an apply failed because the API server does not serve the object's kind (its
+    CRD is not installed): a server-side apply creates a missing object, so 404 means that."""
+    return isinstance(error, ApiError) and error.status == 404
+
+
 def error_message(error: Exception) -> str:
     if isinstance(error, ApiError) and error.body:
         try:

@@ -2,8 +2,9 @@
 
 The rules are client-go's. A standby takes the Lease when it has no holder, or when it has seen
 it unchanged for the Lease's whole duration, timed on its own clock (clocks need not agree). The
-leader renews it every retry period and gives up (the process exits) when it could not renew for
-`renew_deadline`, a third shorter than the duration: it stops before a standby may start. Every
+leader renews it every retry period and gives up (the process exits) when a renewal cycle could not
+renew within `renew_deadline`, a third shorter than the duration: it stops before a standby may
+start. Every
 write carries the resourceVersion it read, so of two racing writers the API server lets one win
 and answers the other 409. On a graceful shutdown the leader clears the holder, and a standby
 takes over at its next attempt.
@@ -135,22 +136,26 @@ class Elector:
         """Renews in a thread; calls `on_lost` there once the lead is lost or cannot be kept."""
 
         def renew() -> None:
+            # As client-go: after each renewal, a retry period's pause, then a new cycle with a
+            # renew deadline of its own, retried every retry period within it. A lead thus lasts
+            # at most a retry period and a renew deadline past its last renewal (4/5 of the
+            # Lease's duration), and one slow renewal does not eat into the next one's time.
             while not self._stopping.wait(self.retry_period):
-                assert self._renewed_at is not None
-                remaining = self._renewed_at + self.renew_deadline - self._clock()
-                if remaining > 0 and self.try_acquire_or_renew(timeout=remaining):
-                    continue
-                taken = self.holder not in (None, self.identity)
-                if taken or self._clock() >= self._renewed_at + self.renew_deadline:
-                    self._renewed_at = None
-                    logger.error(
-                        "Lost the Lease %s/%s (now held by %s)",
-                        self.namespace,
-                        self.name,
-                        self.holder,
-                    )
-                    on_lost()
-                    return
+                deadline = self._clock() + self.renew_deadline
+                while not self.try_acquire_or_renew(timeout=deadline - self._clock()):
+                    taken = self.holder not in (None, self.identity)
+                    if taken or self._clock() + self.retry_period >= deadline:
+                        self._renewed_at = None
+                        logger.error(
+                            "Lost the Lease %s/%s (now held by %s)",
+                            self.namespace,
+                            self.name,
+                            self.holder,
+                        )
+                        on_lost()
+                        return
+                    if self._stopping.wait(self.retry_period):
+                        return
 
         self._renewer = threading.Thread(target=renew, name="lease-renewer", daemon=True)
         self._renewer.start()

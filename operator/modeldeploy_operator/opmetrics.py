@@ -2,7 +2,7 @@
 
 ``modeldeploy_operator_reconciles_total{result}`` (counter)
     Reconciles by result: ``success``, ``invalid`` (a spec the operator cannot act on) or
-    ``error`` (an API failure that kopf retries).
+    ``error`` (an API failure, retried with backoff by the work queue).
 ``modeldeploy_operator_reconcile_duration_seconds`` (histogram)
     Time of one reconcile.
 ``modeldeploy_operator_children_total{kind, action}`` (counter)

@@ -104,9 +104,12 @@ class Reconciler:
             spec_error = api.problems(error)
 
         children = dict(observed.children)
+        unserved: set[builders.Kind] = set()
         if spec is not None:
             try:
-                children = self._converge_children(key, owner, spec, children, _converged(md))
+                children = self._converge_children(
+                    key, owner, spec, children, _converged(md), unserved
+                )
             except Exception as error:
                 if not kube.is_permanent(error):
                     raise
@@ -121,6 +124,8 @@ class Reconciler:
             spec_error=spec_error,
             apply_error=apply_error,
             deployment=children.get(builders.DEPLOYMENT),
+            http_route=children.get(builders.HTTP_ROUTE),
+            gateway_api_missing=builders.HTTP_ROUTE in unserved,
             pods=observed.pods,
             previous=previous.get("conditions", []),
         )
@@ -146,11 +151,13 @@ class Reconciler:
         spec: api.ModelDeploymentSpec,
         observed: dict[builders.Kind, api.Object],
         converged: bool,
+        unserved: set[builders.Kind],
     ) -> dict[builders.Kind, api.Object]:
         """Applies what differs, deletes what is unwanted; returns the children as they are now.
 
         `converged`: this generation was reconciled before, so a missing or differing child
-        was deleted or edited by someone else and is being repaired.
+        was deleted or edited by someone else and is being repaired. A wanted kind whose API the
+        cluster does not serve is added to `unserved`; the other children converge all the same.
         """
         desired = builders.children(owner, spec, self._runtime_image)
         current = dict(observed)
@@ -160,7 +167,13 @@ class Reconciler:
             if action in (diff.Action.CREATE, diff.Action.UPDATE):
                 assert want is not None
                 logger.info("%s %s %s/%s", action.value, kind.kind, owner.namespace, owner.name)
-                applied = self._kube.apply(kind, want)
+                try:
+                    applied = self._kube.apply(kind, want)
+                except kube.ApiError as error:
+                    if not kube.is_unserved(error):
+                        raise
+                    unserved.add(kind)
+                    continue
                 # Kept until the watch shows it: without managedFields, as the indexes keep it.
                 applied.get("metadata", {}).pop("managedFields", None)
                 current[kind] = self._applied[(key, kind)] = applied

@@ -45,6 +45,12 @@ class OperatorSettings(BaseSettings):
     metrics_window: int = pydantic.Field(
         default=60, gt=0, description="seconds of history PromQL rates cover"
     )
+    resync_interval: float = pydantic.Field(
+        default=300.0,
+        gt=0,
+        description="seconds between reconciles of every ModelDeployment, whether or not an "
+        "event asked for one: catches what the watches missed",
+    )
     reconcile_workers: int = pydantic.Field(
         default=8, gt=0, le=64, description="ModelDeployments reconciled at once"
     )

@@ -53,6 +53,10 @@ FP16_ON_CPU = (
     "than FP32; add an accelerator, or use dynamic-int8 on CPU"
 )
 BATCH_SIZES_MESSAGE = "the largest of batchSizes must equal maxBatchSize, and none exceed it"
+GATEWAY_AND_INGRESS = (
+    "gateway and ingress are mutually exclusive: serve the model through an HTTPRoute or an "
+    "Ingress, not both"
+)
 AutoscalingMetric = Literal["cpu", "memory", "concurrency"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -297,17 +301,55 @@ class ServiceSettings(_Model):
     type: ServiceType = Field(default="ClusterIP", description="Service type.")
 
 
+def _path_field(what: str) -> Any:
+    return Field(
+        default="/",
+        max_length=1024,
+        pattern=values.HTTP_PATH_PATTERN,
+        description=f"Path prefix the {what} serves (/ or /segment/...). The runtime serves "
+        "the model under it too, so status.url answers with no rewrite.",
+    )
+
+
 class IngressSettings(_Model):
     """An Ingress to the HTTP port; absent means no Ingress."""
 
     host: str = Field(max_length=253, description="Host name the Ingress serves.")
-    path: str = Field(
-        default="/", max_length=1024, pattern=r"^/", description="Path prefix the Ingress serves."
-    )
+    path: str = _path_field("Ingress")
     class_name: str | None = Field(default=None, max_length=253, description="IngressClass.")
     tls_secret_name: str | None = Field(
         default=None, max_length=253, description="Secret with the TLS certificate for the host."
     )
+
+
+class ParentReference(_Model):
+    """A Gateway (or one of its listeners) the HTTPRoute attaches to."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Gateway's name.")
+    namespace: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="The Gateway's namespace; defaults to the ModelDeployment's.",
+    )
+    section_name: str | None = Field(
+        default=None, min_length=1, max_length=253, description="The listener's name."
+    )
+    port: int | None = Field(default=None, ge=1, le=65535, description="The listener's port.")
+
+
+class GatewaySettings(_Model):
+    """An HTTPRoute (Gateway API) to the HTTP port; absent means no HTTPRoute."""
+
+    parent_refs: list[ParentReference] = Field(
+        min_length=1, max_length=32, description="Gateways the route attaches to."
+    )
+    hostnames: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        min_length=1,
+        max_length=16,
+        description="Host names the route serves; the first one is in status.url.",
+    )
+    path: str = _path_field("HTTPRoute")
 
 
 class DisruptionBudget(_Model):
@@ -375,6 +417,7 @@ class ModelDeploymentSpec(_Model):
             _cel(
                 "has(self.accelerator) || self.quantization != 'fp16'", FP16_ON_CPU, ".quantization"
             ),
+            _cel("!(has(self.gateway) && has(self.ingress))", GATEWAY_AND_INGRESS, ".gateway"),
         )
     )
 
@@ -422,6 +465,9 @@ class ModelDeploymentSpec(_Model):
         default=ServiceSettings(), description="The Service in front of the pods."
     )
     ingress: IngressSettings | None = Field(default=None, description="An optional Ingress.")
+    gateway: GatewaySettings | None = Field(
+        default=None, description="An optional HTTPRoute (Gateway API); excludes ingress."
+    )
     disruption_budget: DisruptionBudget | None = Field(
         default=None, description="An optional PodDisruptionBudget."
     )
@@ -445,6 +491,8 @@ class ModelDeploymentSpec(_Model):
             raise ValueError(STATIC_INT8_ON_GPU)
         if self.accelerator is None and self.quantization == "fp16":
             raise ValueError(FP16_ON_CPU)
+        if self.gateway is not None and self.ingress is not None:
+            raise ValueError(GATEWAY_AND_INGRESS)
         return self
 
 

@@ -17,6 +17,13 @@ _MESSAGE_LIMIT = 1024
 _DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 # Waiting reasons that keep a container from ever starting without a change by someone.
 _BROKEN_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
+GATEWAY_API_MISSING = (
+    "spec.gateway needs the Gateway API, which this cluster does not serve (no "
+    "gateway.networking.k8s.io/v1 HTTPRoute): install its CRDs (standard channel), then restart "
+    "the operator; everything else is served without the HTTPRoute"
+)
+# The HTTPRoute parent conditions that must be True for the route to carry traffic.
+_ROUTE_CONDITIONS = ("Accepted", "ResolvedRefs")
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class Observation:
     spec_error: str | None = None
     apply_error: str | None = None
     deployment: api.Object | None = None
+    http_route: api.Object | None = None
+    gateway_api_missing: bool = False
     pods: list[api.Object] = field(default_factory=list)
     previous: list[api.Object] = field(default_factory=list)
 
@@ -128,6 +137,8 @@ def _verdict(observation: Observation) -> Verdict:
         return Verdict(False, True, "InvalidSpec", f"invalid spec: {observation.spec_error}")
     if observation.apply_error:
         return Verdict(False, True, "ApplyFailed", observation.apply_error)
+    if spec.gateway and observation.gateway_api_missing:
+        return Verdict(False, True, "GatewayAPIMissing", GATEWAY_API_MISSING)
     deployment = observation.deployment
     if deployment is None:
         return Verdict(False, False, "Progressing", "waiting for the Deployment to be created")
@@ -142,6 +153,9 @@ def _verdict(observation: Observation) -> Verdict:
     failure = _pod_failure(current_pods)
     if failure:
         return failure
+    route = _route_verdict(observation.owner, spec, observation.http_route)
+    if route and route.stalled:
+        return route
 
     desired = _desired_replicas(spec, deployment)
     status = deployment.get("status", {})
@@ -158,9 +172,56 @@ def _verdict(observation: Observation) -> Verdict:
         and ready == desired
         and status.get("availableReplicas", 0) == desired
     )
+    if rolled_out and route:
+        return Verdict(False, False, route.reason, f"{progress}, {route.message}")
     if rolled_out:
         return Verdict(True, False, "Available", progress if desired else "scaled to zero")
     return _waiting(current_pods, progress)
+
+
+def _route_verdict(
+    owner: builders.Owner, spec: api.ModelDeploymentSpec, route: api.Object | None
+) -> Verdict | None:
+    """What the Gateways said of the HTTPRoute: refused (stalled), not yet (waiting), or None
+    when every parent accepted it and resolved its backend."""
+    if spec.gateway is None:
+        return None
+    if route is None:
+        return Verdict(False, False, "RouteProgressing", "waiting for the HTTPRoute to be created")
+    generation = route["metadata"].get("generation", 0)
+    parents = route.get("status", {}).get("parents", [])
+    for ref in spec.gateway.parent_refs:
+        gateway = f"{ref.namespace or owner.namespace}/{ref.name}"
+        entry = next((p for p in parents if _same_parent(p.get("parentRef", {}), ref, owner)), None)
+        conditions = {c.get("type"): c for c in (entry or {}).get("conditions", [])}
+        for kind in _ROUTE_CONDITIONS:
+            condition = conditions.get(kind, {})
+            current = condition.get("observedGeneration", 0) >= generation
+            if not current or condition.get("status") not in ("True", "False"):
+                return Verdict(
+                    False,
+                    False,
+                    "RouteProgressing",
+                    f"waiting for Gateway {gateway} to accept the HTTPRoute",
+                )
+            if condition["status"] == "False":
+                return Verdict(
+                    False,
+                    True,
+                    "RouteNotAccepted" if kind == "Accepted" else "RouteRefsNotResolved",
+                    f"HTTPRoute {kind}=False for Gateway {gateway}: "
+                    f"{condition.get('reason', '')}: {condition.get('message', '')}".rstrip(": "),
+                )
+    return None
+
+
+def _same_parent(reported: api.Object, ref: api.ParentReference, owner: builders.Owner) -> bool:
+    return (
+        reported.get("name") == ref.name
+        and reported.get("namespace", owner.namespace) == (ref.namespace or owner.namespace)
+        and reported.get("sectionName") == ref.section_name
+        and reported.get("port") == ref.port
+    )
 
 
 def _pod_failure(pods: list[api.Object]) -> Verdict | None:

@@ -4,13 +4,14 @@ The watch handlers only add the key of the ModelDeployment an event concerns and
 so that no watched body waits in memory for a reconcile; a few workers take keys and reconcile
 from the indexes. A key is queued at most once however many events arrive for it (they coalesce
 into one reconcile), a key is never reconciled by two workers at once, and a failed reconcile is
-retried later with a growing delay, not forgotten.
+retried later with a growing delay, not forgotten. A periodic resync queues every key again, so
+that what no event triggered (an event lost while the API server was away) still converges.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -78,6 +79,14 @@ class WorkQueue(Generic[K, N]):
         """No more retries for a key whose object is gone."""
         self._failures.pop(key, None)
         self._waiting.pop(key, None)
+
+    async def resync(self, interval: float, keys: Callable[[], Iterable[K]]) -> None:
+        """Queues every key `keys()` gives every `interval` seconds, until cancelled. Cheap as
+        long as a reconcile of an unchanged object reads and writes nothing."""
+        while True:
+            await asyncio.sleep(interval)
+            for key in list(keys()):  # a snapshot: the source may change while we add
+                await self.add(key)
 
     async def work(
         self,

@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(flags.flag(flags.HTTP_PORT), type=int, help="default 8080")
     run.add_argument(flags.flag(flags.GRPC_PORT), type=int, help="default 8081")
+    run.add_argument(
+        flags.flag(flags.PATH_PREFIX),
+        metavar="/P",
+        help="serve the HTTP routes under this prefix too (the Ingress or HTTPRoute path)",
+    )
     return parser
 
 

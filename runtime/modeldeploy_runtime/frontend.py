@@ -28,7 +28,7 @@ class Frontend:
         self._config = config
         self._reuse_port = reuse_port
         self._draining = False
-        app = rest.create_app(plane, config.max_request_bytes)
+        app = rest.create_app(plane, config.max_request_bytes, config.path_prefix)
         app.on_response_prepare.append(self._close_when_draining)
         self._runner = web.AppRunner(
             app,

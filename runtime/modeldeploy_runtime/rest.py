@@ -103,17 +103,20 @@ class Endpoints:
         )
 
 
-def create_app(plane: dataplane.DataPlane, max_body: int) -> web.Application:
+def create_app(plane: dataplane.DataPlane, max_body: int, path_prefix: str = "") -> web.Application:
+    """The routes at the root and, when given, under `path_prefix` too: a client that reaches
+    the runtime through an Ingress or HTTPRoute path uses the same path the pod serves."""
     app = web.Application(client_max_size=max_body)
     endpoints = Endpoints(plane, max_body)
-    app.router.add_get("/v2/health/live", endpoints.live)
-    app.router.add_get("/v2/health/ready", endpoints.ready)
-    app.router.add_get("/v2", endpoints.server_metadata)
     app.router.add_get("/metrics", endpoints.metrics)
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        app.router.add_get(prefix, endpoints.model_metadata)
-        app.router.add_get(prefix + "/ready", endpoints.model_ready)
-        app.router.add_post(prefix + "/infer", endpoints.infer)
+    for root in dict.fromkeys(("", path_prefix)):
+        app.router.add_get(root + "/v2/health/live", endpoints.live)
+        app.router.add_get(root + "/v2/health/ready", endpoints.ready)
+        app.router.add_get(root + "/v2", endpoints.server_metadata)
+        for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            app.router.add_get(root + model, endpoints.model_metadata)
+            app.router.add_get(root + model + "/ready", endpoints.model_ready)
+            app.router.add_post(root + model + "/infer", endpoints.infer)
     return app
 
 

@@ -77,6 +77,9 @@ class ServeSettings(BaseSettings):
     drain_seconds: float = pydantic.Field(default=values.DRAIN_SECONDS, ge=0, le=300)
     http_port: int = pydantic.Field(default=paths.HTTP_PORT, ge=0, le=65535)
     grpc_port: int = pydantic.Field(default=paths.GRPC_PORT, ge=0, le=65535)
+    # The HTTP routes are served under this prefix as well as at the root (where the probes and
+    # the Service's clients find them), so that an Ingress or HTTPRoute needs no rewrite.
+    path_prefix: str = pydantic.Field(default="", pattern=values.PATH_PREFIX_PATTERN)
 
     host: str = "0.0.0.0"
     # Bodies above this get 413; it bounds the memory one request can take.

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -49,6 +49,14 @@ SPECS: dict[str, dict[str, Any]] = {
         "accelerator": {"count": 1},
     },
     "pvc": {"model": {"uri": "pvc://claim/dir/my%20model.onnx"}, "quantization": "dynamic-int8"},
+    "ingress": {
+        "model": {"uri": "s3://models/iris/3/model.onnx"},
+        "ingress": {"host": "iris.example.com", "path": "/ml/"},
+    },
+    "gateway": {
+        "model": {"uri": "s3://models/iris/3/model.onnx"},
+        "gateway": {"parentRefs": [{"name": "gw"}], "hostnames": ["h.example"], "path": "/a/b"},
+    },
 }
 
 
@@ -101,6 +109,10 @@ def test_the_runtime_parses_the_pods_serving_container_into_the_specs_settings(
     assert str(PurePosixPath(settings.model_path).parent.parent) in mounts
     if spec.calibration_uri:
         assert settings.calibration_path is not None
+    # status.url's path is one the runtime serves.
+    assert urlsplit(builders.url(OWNER, spec)).path == (
+        f"{settings.path_prefix}/v2/models/{settings.model_name}"
+    )
 
 
 @pytest.mark.parametrize("case", SPECS)

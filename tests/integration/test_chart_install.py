@@ -24,6 +24,7 @@ CHILDREN = [
     "networkpolicies.networking.k8s.io",
     "horizontalpodautoscalers.autoscaling",
     "poddisruptionbudgets.policy",
+    "httproutes.gateway.networking.k8s.io",
 ]
 LEASE = "leases.coordination.k8s.io"
 MD = "modeldeployments.modeldeploy.io"

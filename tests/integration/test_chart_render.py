@@ -28,6 +28,7 @@ CHILD_KINDS = {
     ("networking.k8s.io", "networkpolicies"),
     ("autoscaling", "horizontalpodautoscalers"),
     ("policy", "poddisruptionbudgets"),
+    ("gateway.networking.k8s.io", "httproutes"),
 }
 
 

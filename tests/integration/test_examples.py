@@ -16,6 +16,7 @@ CHILDREN = {
     "ingress-tls.yaml": ["deployment", "service", "ingress", "networkpolicy"],
     "autoscaled.yaml": ["deployment", "service", "horizontalpodautoscaler"],
     "cpu.yaml": ["deployment", "service", "poddisruptionbudget"],
+    "gateway.yaml": ["deployment", "service", "httproute"],
 }
 
 pytestmark = pytest.mark.integration

@@ -1,10 +1,12 @@
-"""Two replicas, one active (the Lease election), and the operator under the chart's RBAC.
+"""Two replicas, one active (the Lease election, also when the leader's connection to the API
+server is slow), and the operator under the chart's RBAC.
 
 The operators here are real `modeldeploy run` processes, as in the chart's pods.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import signal
@@ -18,11 +20,14 @@ import pytest
 import yaml
 
 from chart_helm import template
+from modeldeploy_dev import cluster as localcluster
 from operator_helpers import OperatorProcess, apply_md, audit_events, get, ready_md, wait_for
 from support import Cluster
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
+LEASE = "modeldeploy-operator"
 LEASE_SECONDS = 5
 SPEC: dict[str, Any] = {"model": {"uri": "s3://models/iris/3/model.onnx"}}
 
@@ -51,22 +56,38 @@ def operators(tmp_path: Path) -> Iterator[list[OperatorProcess]]:
         print(f"--- operator {operator.pid} ---\n{operator.output()[-3000:]}")
 
 
+def _elect(
+    cluster: Cluster,
+    namespace: str,
+    tmp_path: Path,
+    operators: list[OperatorProcess],
+    kubeconfig: Path | None = None,
+) -> OperatorProcess:
+    """Starts an operator that takes part in the election for the Lease `LEASE`."""
+    election = [f"--leader-election-namespace={namespace}", f"--leader-election-id={LEASE}"]
+    election.append(f"--leader-election-lease-seconds={LEASE_SECONDS}")
+    log = tmp_path / f"operator-{len(operators)}.log"
+    config = kubeconfig or cluster.kubeconfig
+    operator = OperatorProcess(log, config, f"--namespace={namespace}", *election)
+    operators.append(operator)
+    return operator
+
+
+def _leader(
+    cluster: Cluster, namespace: str, among: list[OperatorProcess]
+) -> OperatorProcess | None:
+    holder = _holder(cluster, namespace, LEASE) or ""
+    return next((o for o in among if holder.endswith(f"_{o.pid}")), None)
+
+
 def test_one_replica_acts_and_a_standby_takes_over(
     cluster: Cluster, namespace: str, modeldeploy_crd: None, tmp_path: Path, operators: list[Any]
 ) -> None:
-    lease = "modeldeploy-operator"
-
     def start() -> OperatorProcess:
-        election = [f"--leader-election-namespace={namespace}", f"--leader-election-id={lease}"]
-        election.append(f"--leader-election-lease-seconds={LEASE_SECONDS}")
-        log = tmp_path / f"operator-{len(operators)}.log"
-        operator = OperatorProcess(log, cluster.kubeconfig, f"--namespace={namespace}", *election)
-        operators.append(operator)
-        return operator
+        return _elect(cluster, namespace, tmp_path, operators)
 
     def leader(among: list[OperatorProcess]) -> OperatorProcess | None:
-        holder = _holder(cluster, namespace, lease) or ""
-        return next((o for o in among if holder.endswith(f"_{o.pid}")), None)
+        return _leader(cluster, namespace, among)
 
     def children(name: str) -> bool:
         return get(cluster, namespace, "deployment", name) is not None
@@ -108,11 +129,59 @@ def test_one_replica_acts_and_a_standby_takes_over(
 
     # Someone else holds the Lease: the leader stops acting at once, and fails so it is restarted.
     cluster.kubectl(
-        "patch", "lease", lease, "-n", namespace, "--type=merge",
+        "patch", "lease", LEASE, "-n", namespace, "--type=merge",
         "-p", json.dumps({"spec": {"holderIdentity": "someone-else"}}),
     )  # fmt: skip
     assert standby.wait(timeout=LEASE_SECONDS) == 1
     assert "Lost the Lease" in standby.output()
+
+
+def _logged_at(output: str, message: str) -> datetime.datetime:
+    """When an operator logged `message` (kopf's plain format starts with the time)."""
+    line = next(line for line in output.splitlines() if message in line)
+    return datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_a_leader_on_a_slow_connection_leads_until_it_must_step_down(
+    cluster: Cluster, namespace: str, modeldeploy_crd: None, tmp_path: Path, operators: list[Any]
+) -> None:
+    # 0.2 s round trips: a renewal (a GET and a PUT; the first one also a TLS handshake) takes
+    # under 1 s of the renew deadline (2/3 of the lease, 3.3 s). At a lease's length per pass
+    # through the proxy none can finish in time.
+    slow_s, stalled_s = 0.1, float(LEASE_SECONDS)
+    with TcpProxy("127.0.0.1", localcluster.APISERVER_PORT, delay=slow_s) as proxy:
+        slow_path = proxy.kubeconfig(cluster.kubeconfig, tmp_path / "slow.kubeconfig")
+        slow = _elect(cluster, namespace, tmp_path, operators, kubeconfig=slow_path)
+        wait_for("the slow one to lead", lambda: _leader(cluster, namespace, [slow]))
+        other = _elect(cluster, namespace, tmp_path, operators)
+        wait_for("the other to stand by", lambda: "Standing by" in other.output(), timeout=20)
+
+        # Slow, within the deadline: the leader renews and keeps leading, and acts.
+        before, watched = get(cluster, namespace, "lease", LEASE), time.monotonic()
+        apply_md(cluster, namespace, "first", SPEC)
+        wait_for("first Ready", lambda: ready_md(cluster, namespace, "first"))
+        time.sleep(max(0.0, 2 * LEASE_SECONDS - (time.monotonic() - watched)))
+        after = get(cluster, namespace, "lease", LEASE)
+        assert before is not None and after is not None
+        assert _leader(cluster, namespace, [slow]) is slow
+        assert after["spec"]["renewTime"] > before["spec"]["renewTime"]
+        assert after["spec"]["leaseTransitions"] == before["spec"]["leaseTransitions"]
+        assert slow.process.poll() is None, slow.output()[-3000:]
+
+        # Too slow: the leader stops acting before its Lease expires, then the other leads.
+        proxy.delay = stalled_s
+        stalled = time.monotonic()
+        wait_for("the other to lead", lambda: _leader(cluster, namespace, [other]), timeout=30)
+        takeover = time.monotonic() - stalled
+    assert slow.wait(timeout=10) == 1
+    stepped_down = _logged_at(slow.output(), "Lost the Lease")
+    leading = _logged_at(other.output(), "Leading:")
+    gap = (leading - stepped_down).total_seconds()
+    print(f"slow leader: stepped down {gap:.1f}s before the other led; takeover {takeover:.1f}s")
+    assert gap > 0, "two leaders at once"
+    apply_md(cluster, namespace, "second", SPEC)
+    wait_for("second Ready", lambda: ready_md(cluster, namespace, "second"))
+    assert f"Deployment {namespace}/second" in other.output()
 
 
 def _service_account_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:

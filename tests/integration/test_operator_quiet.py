@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+import prometheus_client
 import pytest
 from kopf.testing import KopfRunner
 
@@ -24,11 +25,25 @@ SPEC: dict[str, Any] = {
     "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"cpu": 1}},
 }
 StartOperator = Callable[[], AbstractContextManager[KopfRunner]]
+RESYNC_INTERVAL_S = 1
+
+
+def _reconciles() -> float:
+    """Reconciles so far by the operators this process ran (kopf runs them in-process)."""
+    return sum(
+        prometheus_client.REGISTRY.get_sample_value(
+            "modeldeploy_operator_reconciles_total", {"result": result}
+        )
+        or 0
+        for result in ("success", "invalid", "error")
+    )
 
 
 def test_resync_of_an_unchanged_object_makes_zero_writes(
-    cluster: Cluster, namespace: str, start_operator: StartOperator
+    cluster: Cluster, namespace: str, start_operator: StartOperator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The periodic resync reconciles every object every second here: it must cost no write.
+    monkeypatch.setenv("MODELDEPLOY_RESYNC_INTERVAL", str(RESYNC_INTERVAL_S))
     start = cluster.audit_log.stat().st_size
     with start_operator():
         apply_md(cluster, namespace, "iris", SPEC)
@@ -38,11 +53,14 @@ def test_resync_of_an_unchanged_object_makes_zero_writes(
         time.sleep(2)  # the last status writes echo back through the watches
         assert operator_writes(cluster.audit_log, start, namespace), "the audit filter sees none"
         offset = cluster.audit_log.stat().st_size
+        reconciles = _reconciles()
         # A change that is not the operator's business still triggers a reconcile of the owner.
         cluster.kubectl("label", "deployment", "iris", "-n", namespace, "team=ml")
         cluster.kubectl("annotate", "service", "iris", "-n", namespace, "note=hand-made")
         time.sleep(5)
         assert operator_writes(cluster.audit_log, offset, namespace) == []
+        # Both objects were reconciled by the resync in every interval of that wait.
+        assert _reconciles() - reconciles >= 2 * (5 / RESYNC_INTERVAL_S - 1)
 
     offset = cluster.audit_log.stat().st_size
     with start_operator():  # resume: every object is reconciled again

@@ -50,6 +50,25 @@ MODEL = {"uri": "s3://models/iris/3/model.onnx"}
             "spec.runtime.batchSizes",
             "largest of batchSizes must equal maxBatchSize",
         ),
+        (
+            {
+                "model": MODEL,
+                "ingress": {"host": "iris.example.com"},
+                "gateway": {"parentRefs": [{"name": "public"}], "hostnames": ["iris.example.com"]},
+            },
+            "spec.gateway",
+            "gateway and ingress are mutually exclusive",
+        ),
+        (
+            {"model": MODEL, "gateway": {"parentRefs": [], "hostnames": ["iris.example.com"]}},
+            "spec.gateway.parentRefs",
+            "at least 1 items",
+        ),
+        (
+            {"model": MODEL, "ingress": {"host": "iris.example.com", "path": "/ml/{name}"}},
+            "spec.ingress.path",
+            "should match",
+        ),
     ],
 )
 def test_invalid_spec_is_rejected_naming_the_field(

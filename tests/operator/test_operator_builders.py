@@ -197,7 +197,15 @@ class TestOtherChildren:
             disruptionBudget={"minAvailable": 1},
             networkPolicy={},
         )
-        assert set(builders.children(OWNER, everything, IMAGE)) == set(builders.CHILD_KINDS)
+        assert set(builders.children(OWNER, everything, IMAGE)) == set(builders.CHILD_KINDS) - {
+            builders.HTTP_ROUTE
+        }
+        routed = _spec(gateway={"parentRefs": [{"name": "public"}], "hostnames": ["iris.example"]})
+        assert set(builders.children(OWNER, routed, IMAGE)) == {
+            builders.DEPLOYMENT,
+            builders.SERVICE,
+            builders.HTTP_ROUTE,
+        }
 
     def test_service_ports(self) -> None:
         service = builders.service(OWNER, _spec(service={"type": "NodePort"}))
@@ -238,10 +246,53 @@ class TestOtherChildren:
         policy = builders.network_policy(OWNER, api.NetworkPolicySettings(allow_from=[peer]))
         assert policy["spec"]["ingress"][0]["from"] == [peer]
 
+    def test_http_route_to_the_services_http_port(self) -> None:
+        settings = api.GatewaySettings.model_validate(
+            {
+                "parentRefs": [{"name": "public", "namespace": "gateways", "sectionName": "http"}],
+                "hostnames": ["iris.example.com", "models.example.com"],
+                "path": "/iris",
+            }
+        )
+        route = builders.http_route(OWNER, settings)
+        assert (route["apiVersion"], route["kind"]) == ("gateway.networking.k8s.io/v1", "HTTPRoute")
+        assert route["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert route["spec"] == {
+            "parentRefs": [{"name": "public", "namespace": "gateways", "sectionName": "http"}],
+            "hostnames": ["iris.example.com", "models.example.com"],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/iris"}}],
+                    "backendRefs": [{"name": "iris", "port": 8080}],
+                }
+            ],
+        }
+
     def test_url_prefers_the_ingress(self) -> None:
         assert builders.url(OWNER, _spec()) == "http://iris.ml.svc:8080/v2/models/iris"
-        https = _spec(ingress={"host": "iris.example.com", "path": "/ml/", "tlsSecretName": "t"})
-        assert builders.url(OWNER, https) == "https://iris.example.com/ml/v2/models/iris"
+        https = _spec(ingress={"host": "iris.example.com", "tlsSecretName": "t"})
+        assert builders.url(OWNER, https) == "https://iris.example.com/v2/models/iris"
+
+    def test_a_routed_path_is_in_the_url_and_the_runtime_serves_under_it(self) -> None:
+        # The Ingress and the HTTPRoute pass the path on unchanged: the URL only answers because
+        # the pods serve the model under that prefix too.
+        ingress = _spec(ingress={"host": "iris.example.com", "path": "/ml/"})
+        gateway = _spec(
+            gateway={
+                "parentRefs": [{"name": "public", "port": 443}],
+                "hostnames": ["models.example.com"],
+                "path": "/teams/ml",
+            }
+        )
+        for spec, url, prefix in (
+            (ingress, "http://iris.example.com/ml/v2/models/iris", "/ml"),
+            (gateway, "https://models.example.com/teams/ml/v2/models/iris", "/teams/ml"),
+        ):
+            assert builders.url(OWNER, spec) == url
+            args = _pod(spec)["spec"]["containers"][0]["args"]
+            assert _arg(args, "--path-prefix") == prefix
+        root = _spec(ingress={"host": "iris.example.com", "path": "/"})
+        assert "--path-prefix" not in _pod(root)["spec"]["containers"][0]["args"]
 
     def test_applied_digest_tracks_the_desired_object(self) -> None:
         def digest(spec: api.ModelDeploymentSpec) -> str:

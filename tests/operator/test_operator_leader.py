@@ -144,7 +144,9 @@ def test_the_leader_gives_up_before_its_lease_can_expire_when_it_cannot_renew() 
     elector.keep_renewing(on_lost=lost.set)
     api.fail_with = ConnectionError("the API server is unreachable")
     assert not lost.wait(timeout=0.3)
-    assert lost.wait(timeout=2)  # at the renew deadline (2/3 s), before the 1s lease expires
+    # A retry period (2/15 s) and the renew deadline (2/3 s) past the last renewal: before the
+    # 1 s lease expires.
+    assert lost.wait(timeout=2)
 
 
 def test_a_slow_read_does_not_make_the_holder_look_older() -> None:
@@ -171,3 +173,21 @@ def test_a_renewal_reads_and_writes_within_one_deadline() -> None:
     assert not elector.try_acquire_or_renew(timeout=elector.renew_deadline)
     assert api.timeouts == [10.0, 4.0]
     assert clock.now - renewed_at <= elector.renew_deadline
+
+
+def test_each_renewal_cycle_gets_a_renew_deadline_of_its_own() -> None:
+    """On a slow connection an attempt takes most of the renew deadline; client-go gives every
+    renewal cycle a fresh one, so a leader whose renewals keep succeeding keeps leading."""
+    api, clock = FakeLeases(), Clock()
+    elector = _elector(api, "a", clock, lease_seconds=1)
+    api.clock, api.latency = clock, 0.25  # a read and a write: 0.5 of the 2/3 s renew deadline
+    elector.acquire()
+    written = api.versions
+    lost = threading.Event()
+    elector.keep_renewing(on_lost=lost.set)
+    try:
+        assert not lost.wait(timeout=1.0)  # several retry periods (2/15 s each)
+        assert api.versions > written + 2
+        assert elector.leading
+    finally:
+        elector.release()

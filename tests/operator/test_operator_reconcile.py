@@ -15,10 +15,13 @@ class FakeKube:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.fail_with: Exception | None = None
+        self.unserved: set[builders.Kind] = set()
 
     def apply(self, kind: builders.Kind, obj: dict[str, Any]) -> dict[str, Any]:
         if self.fail_with:
             raise self.fail_with
+        if kind in self.unserved:
+            raise kube.ApiError(status=404, reason="Not Found", body="404 page not found")
         self.calls.append(("apply", kind.kind))
         echoed = copy.deepcopy(obj)
         echoed["metadata"] |= {"uid": f"uid-{kind.plural}", "generation": 1}
@@ -120,3 +123,15 @@ def test_deleted_object_is_left_to_the_garbage_collector() -> None:
     md["metadata"]["deletionTimestamp"] = "2030-01-01T00:00:00Z"
     reconciler.reconcile(md, reconcile.Observed())
     assert fake.calls == []
+
+
+def test_without_the_gateway_api_the_status_says_so_and_the_rest_converges() -> None:
+    reconciler, fake = _reconciler()
+    fake.unserved = {builders.HTTP_ROUTE}
+    md = _md(gateway={"parentRefs": [{"name": "public"}], "hostnames": ["iris.example.com"]})
+    reconciler.reconcile(md, reconcile.Observed())
+    assert sorted(what for call, what in fake.calls if call == "apply") == ["Deployment", "Service"]
+    status = next(body for call, body in fake.calls if call == "status")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "GatewayAPIMissing")
+    assert "install its CRDs" in ready["message"]

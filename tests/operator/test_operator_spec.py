@@ -57,6 +57,18 @@ def test_camel_case_names_round_trip() -> None:
         ({"runtime": {"maxBatchSize": 8, "batchSizes": [1, 16]}}, "largest of batchSizes"),
         ({"runtime": {"batchSizes": [0, 32]}}, "greater than or equal to 1"),
         ({"runtime": {"workers": -1}}, "workers"),
+        (
+            {
+                "ingress": {"host": "h"},
+                "gateway": {"parentRefs": [{"name": "g"}], "hostnames": ["h"]},
+            },
+            "gateway and ingress are mutually exclusive",
+        ),
+        ({"gateway": {"parentRefs": [], "hostnames": ["h"]}}, "parentRefs"),
+        ({"gateway": {"parentRefs": [{"name": "g"}], "hostnames": []}}, "hostnames"),
+        ({"ingress": {"host": "h", "path": "/ml//v"}}, "ingress.path"),
+        ({"ingress": {"host": "h", "path": "/{name}"}}, "ingress.path"),
+        ({"gateway": {"parentRefs": [{"name": "g"}], "hostnames": ["h"], "path": "ml"}}, "path"),
     ],
 )
 def test_invalid_specs_are_rejected_with_the_field(fields: dict[str, Any], needle: str) -> None:

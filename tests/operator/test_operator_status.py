@@ -168,3 +168,91 @@ def test_autoscaled_desired_count_comes_from_the_deployment() -> None:
     result = _compute(spec=scaled, deployment=deployment)
     assert result.replica_summary == "2/2"
     assert _conditions(result)["Ready"].status == "True"
+
+
+ROUTED = api.ModelDeploymentSpec.model_validate(
+    {
+        "model": {"uri": "s3://m/iris.onnx", "version": "3"},
+        "replicas": 2,
+        "gateway": {
+            "parentRefs": [{"name": "public", "namespace": "gateways"}],
+            "hostnames": ["iris.example.com"],
+            "path": "/ml",
+        },
+    }
+)
+
+
+def _route(generation: int = 3, **conditions: tuple[str, str]) -> dict[str, Any]:
+    """An HTTPRoute as a Gateway reported on it: {type: (status, reason)}."""
+    reported = [
+        {"type": kind, "status": value, "reason": reason, "message": f"{kind} says {reason}",
+         "observedGeneration": generation}
+        for kind, (value, reason) in conditions.items()
+    ]  # fmt: skip
+    return {
+        "metadata": {"generation": 3},
+        "status": {
+            "parents": [
+                {
+                    "parentRef": {
+                        "group": "gateway.networking.k8s.io",
+                        "kind": "Gateway",
+                        "name": "public",
+                        "namespace": "gateways",
+                    },
+                    "controllerName": "traefik.io/gateway-controller",
+                    "conditions": reported,
+                }
+            ]
+        },
+    }
+
+
+ACCEPTED = {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
+
+
+def _routed(route: dict[str, Any] | None, **fields: Any) -> dict[str, api.Condition]:
+    return _conditions(
+        _compute(spec=ROUTED, deployment=_deployment(ready=2), http_route=route, **fields)
+    )
+
+
+def test_an_accepted_route_with_resolved_refs_is_ready_at_the_gateways_url() -> None:
+    result = _compute(spec=ROUTED, deployment=_deployment(ready=2), http_route=_route(**ACCEPTED))
+    assert _conditions(result)["Ready"].status == "True"
+    assert result.url == "http://iris.example.com/ml/v2/models/iris"
+
+
+def test_a_route_no_gateway_has_answered_yet_keeps_it_reconciling() -> None:
+    unknown = {"Accepted": ("Unknown", "Pending"), "ResolvedRefs": ("True", "ResolvedRefs")}
+    for route in (_route(), _route(generation=2, **ACCEPTED), _route(**unknown)):
+        conditions = _routed(route)
+        assert conditions["Ready"].status == "False"
+        assert conditions["Reconciling"].status == "True"
+        assert conditions["Ready"].reason == "RouteProgressing"
+        assert conditions["Ready"].message == (
+            "2/2 replicas ready, waiting for Gateway gateways/public to accept the HTTPRoute"
+        )
+
+
+def test_a_refused_route_stalls_with_the_gateways_reason() -> None:
+    refused = _route(Accepted=("False", "NotAllowedByListeners"), ResolvedRefs=("True", "R"))
+    conditions = _routed(refused)
+    assert (conditions["Ready"].status, conditions["Stalled"].status) == ("False", "True")
+    assert conditions["Ready"].reason == "RouteNotAccepted"
+    assert conditions["Ready"].message == (
+        "HTTPRoute Accepted=False for Gateway gateways/public: NotAllowedByListeners: "
+        "Accepted says NotAllowedByListeners"
+    )
+    unresolved = _route(Accepted=("True", "Accepted"), ResolvedRefs=("False", "BackendNotFound"))
+    assert _routed(unresolved)["Ready"].reason == "RouteRefsNotResolved"
+
+
+def test_missing_gateway_api_is_explained_and_the_rest_is_still_reported() -> None:
+    result = _compute(spec=ROUTED, deployment=_deployment(ready=2), gateway_api_missing=True)
+    ready = _conditions(result)["Ready"]
+    assert (ready.status, ready.reason) == ("False", "GatewayAPIMissing")
+    assert "install its CRDs" in ready.message and "HTTPRoute" in ready.message
+    assert _conditions(result)["Stalled"].status == "True"
+    assert result.replica_summary == "2/2"

@@ -76,3 +76,25 @@ def test_a_failure_is_retried_later_with_its_notes(monkeypatch: pytest.MonkeyPat
         assert errors == [0.01, 0.02]
 
     _run(scenario())
+
+
+def test_a_resync_queues_every_known_key_every_interval() -> None:
+    async def scenario() -> None:
+        queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue()
+        known = ["iris", "resnet"]
+        handled: list[str] = []
+
+        async def handle(key: str, _: set[str]) -> None:
+            handled.append(key)
+            if len(handled) == 2:
+                known.remove("resnet")  # deleted: the next round leaves it out
+                known.append("bert")
+            if len(handled) == 4:
+                await queue.close()
+
+        resync = asyncio.create_task(queue.resync(0.05, lambda: known))
+        await queue.work(handle, lambda *_: None)
+        resync.cancel()
+        assert handled == ["iris", "resnet", "iris", "bert"]
+
+    _run(scenario())

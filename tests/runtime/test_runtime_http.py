@@ -295,3 +295,19 @@ def test_fixed_batch_model_is_served_unbatched(fixed_model: Path) -> None:
             np.testing.assert_allclose(got, expected(fixed_model, x), rtol=1e-5)
         with pytest.raises(InferenceServerException, match=r"shape \[2, 8\] does not match"):
             client.infer("fixed", [infer_input(examples(2))])
+
+
+def test_a_path_prefix_serves_the_model_under_it_and_at_the_root(mlp_model: Path) -> None:
+    """tritonclient takes status.url's base ("host:port/prefix"); probes keep the root paths."""
+    with running_server(model_path=mlp_model, model_name="mlp", path_prefix="/teams/ml") as runtime:
+        x = examples(2)
+        for base in ("/teams/ml", ""):
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{runtime.http_port}{base}")
+            try:
+                assert client.is_server_ready()
+                result = client.infer("mlp", [infer_input(x)])
+                got = result.as_numpy("probabilities")
+                np.testing.assert_allclose(got, expected(mlp_model, x), rtol=1e-5)
+            finally:
+                client.close()
+        assert get(f"http://127.0.0.1:{runtime.http_port}/ml/v2/health/ready")[0] == 404

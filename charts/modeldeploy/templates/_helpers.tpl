@@ -70,6 +70,10 @@ of kopf's watches and of modeldeploy_operator.kube, nothing more.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# spec.gateway; granting it while the Gateway API CRDs are absent is harmless.
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The runtime pods, read only: their state goes into the ModelDeployment's status.
 - apiGroups: [""]
   resources: ["pods"]
