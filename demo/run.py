@@ -3,8 +3,9 @@
 Brings up the local cluster (building it the first time), installs the CRD, starts the operator
 and the local pod runner (the node agent that runs the real runtime behind the demo's pods, each in
 a network namespace of its own, and reports them Ready when their readiness probes pass), trains a
-small model, applies its ModelDeployment, waits until it is Ready, sends real traffic through its
-Service's ClusterIP with an unchanged Open Inference Protocol client, and ends by showing the
+small model, applies its ModelDeployment (with an Ingress), waits until it is Ready, sends real
+traffic to the URL in its status through the ingress controller (Traefik, on this machine's
+loopback) with an unchanged Open Inference Protocol client, and ends by showing the
 ModelDeployment with its live metrics. Everything keeps running afterwards; `make demo-down` (this
 script with `--down`) stops it all.
 """
@@ -28,13 +29,16 @@ from typing import Any
 import numpy as np
 import tritonclient.http as triton_http
 
-from modeldeploy_dev import build, network
+from modeldeploy_dev import build, ingress, network
 from modeldeploy_dev import cluster as localcluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NAMESPACE = "demo"
 NAME = "iris"
+# No DNS here: clients reach the ingress controller on loopback and name this host in the Host
+# header, as they would after DNS pointed the name at a load balancer.
+HOST = "iris.demo.example"
 METRICS_INTERVAL_S = 5
 STARTED = time.monotonic()
 
@@ -94,10 +98,11 @@ def _traffic(url: str, stop: threading.Event, done: list[tuple[float, float]]) -
     rng = np.random.default_rng(1)
     client = triton_http.InferenceServerClient(url)
     tensor = triton_http.InferInput("input", [1, 4], "FP32")
+    headers = {"Host": HOST}
     while not stop.is_set():
         tensor.set_data_from_numpy(rng.normal([5.8, 3.0, 3.8, 1.2], 0.5, (1, 4)).astype("f4"))
         started = time.perf_counter()
-        client.infer(NAME, [tensor])
+        client.infer(NAME, [tensor], headers=headers)
         finished = time.perf_counter()
         done.append((finished, finished - started))  # list.append is atomic
 
@@ -159,6 +164,7 @@ def up(traffic_seconds: float) -> None:
             "quantization": "dynamic-int8",
             "runtime": {"maxBatchSize": 16, "maxBatchDelayMs": 2},
             "replicas": 2,
+            "ingress": {"host": HOST, "path": f"/{NAME}"},
         },
     }
     step(f"applying ModelDeployment {NAMESPACE}/{NAME} (model sha256 {digest[:12]}...)")
@@ -171,13 +177,13 @@ def up(traffic_seconds: float) -> None:
     )["items"]
     addresses = ", ".join(p["status"]["podIP"] for p in pods)
     step(f"Ready: the readiness probes of its pods ({addresses}) pass")
-    cluster_ip = localcluster.kubectl(
-        "get", "service", NAME, "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}"
-    )
-    url = f"{cluster_ip}:8080"
+    status_url = _md()["status"]["url"]
+    base = status_url.removeprefix("http://").partition("/")[2].removesuffix(f"/v2/models/{NAME}")
+    url = f"{ingress.url().removeprefix('http://')}/{base}"
     step(
-        f"sending traffic from 8 clients to the Service's ClusterIP {url} (kube-proxy picks a "
-        f"ready pod; at least {traffic_seconds:.0f}s)"
+        f"sending traffic from 8 clients to {status_url} through the ingress controller "
+        f"(Traefik at {ingress.url()}, Host: {HOST}; it picks a ready pod; at least "
+        f"{traffic_seconds:.0f}s)"
     )
     stop = threading.Event()
     done: list[tuple[float, float]] = []

@@ -32,6 +32,8 @@ def test_demo_ends_with_a_ready_model_and_live_metrics(cluster: Cluster) -> None
         metrics = json.loads(
             result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1]
         )
+        # The traffic goes where a user's would: the status URL, through the ingress controller.
+        assert "http://iris.demo.example/iris/v2/models/iris through the ingress" in result.stdout
         measured = re.search(r"clients saw (\d+) req/s", result.stdout)
         assert measured, result.stdout
         client_rps = float(measured.group(1))
