@@ -76,8 +76,8 @@ def _deployment(workdir: Path) -> Iterator[str]:
     model = workdir / "iris.onnx"
     subprocess.run([sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(model)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    operator = [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE,
-                "--health-port", "18190", "--metrics-port", "18191"]  # fmt: skip
+    operator = [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--bind-address",
+                "127.0.0.1", "--health-port", "18190", "--metrics-port", "18191"]  # fmt: skip
     runner = [str(BIN / "modeldeploy-dev"), "cluster", "run-pods", "--namespace", NAMESPACE]
     with _process(operator, workdir / "operator.log"), _process(runner, workdir / "runner.log"):
         manifest = {
@@ -87,6 +87,8 @@ def _deployment(workdir: Path) -> Iterator[str]:
             "spec": {
                 "model": {"uri": f"file://{model}", "name": "iris"},
                 "replicas": 1,
+                # No batching wait: one request at a time, so the figures are the paths' own.
+                "runtime": {"maxBatchDelayMs": 0},
                 "ingress": {"host": HOST, "path": PATH},
             },
         }

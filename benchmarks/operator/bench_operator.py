@@ -197,6 +197,8 @@ def run(
             "run",
             "--namespace",
             namespace,
+            "--bind-address",
+            "127.0.0.1",
             "--health-port",
             str(HEALTH_PORT),
             "--metrics-port",
