@@ -141,8 +141,9 @@ def up(traffic_seconds: float) -> None:
     )
     _background(
         "operator",
-        [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--health-port", "18090",
-         "--metrics-port", "18091", "--metrics-interval", str(METRICS_INTERVAL_S)],
+        [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--bind-address", "127.0.0.1",
+         "--health-port", "18090", "--metrics-port", "18091",
+         "--metrics-interval", str(METRICS_INTERVAL_S)],
     )  # fmt: skip
     _background(
         "pod-runner",

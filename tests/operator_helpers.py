@@ -54,7 +54,12 @@ class OperatorProcess:
         self.log = log
         self.health_port = free_port()
         command = [sys.executable, "-m", "modeldeploy_cli", "run", "--log-format=plain"]
-        command += [f"--health-port={self.health_port}", f"--metrics-port={free_port()}", *args]
+        command += [
+            "--bind-address=127.0.0.1",
+            f"--health-port={self.health_port}",
+            f"--metrics-port={free_port()}",
+            *args,
+        ]
         self.process = subprocess.Popen(
             command,
             stdout=log.open("wb"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,3 @@ class Cluster:
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result
-
-
-def host_address() -> str:
-    """This machine's address outside 127.0.0.0/8, on the interface of its default route: an
-    EndpointSlice may not name a loopback address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("198.51.100.1", 9))  # UDP: sends nothing, only picks the interface
-        address: str = probe.getsockname()[0]
-    assert not address.startswith("127."), address
-    return address

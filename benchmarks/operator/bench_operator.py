@@ -16,6 +16,7 @@ import os
 import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -84,11 +85,21 @@ def _rss_mib(pid: int) -> float:
     return _status_mib(pid, "VmRSS")
 
 
+class _LoopbackOnlyServer(http.server.ThreadingHTTPServer):
+    """Any address, but only on the loopback interface (SO_BINDTODEVICE): every 127.x.y.z pod IP
+    reaches it, nothing from another interface does."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        super().server_bind()
+
+
 class _SyntheticPods:
-    """Stands in for N runtime pods' /metrics at once: one server on 0.0.0.0:8080 answers every
-    pod IP (all of 127.0.0.0/8 is loopback) with the exposition of the runtime's own metrics code,
-    advanced by `rate` requests per second per pod since the previous scrape. What is measured is
-    the operator's metrics path; 1000 real model servers do not fit on this machine."""
+    """Stands in for N runtime pods' /metrics at once: one server on port 8080 of the loopback
+    interface answers every pod IP (all of 127.0.0.0/8 is loopback) with the exposition of the
+    runtime's own metrics code, advanced by `rate` requests per second per pod since the previous
+    scrape. What is measured is the operator's metrics path; 1000 real model servers do not fit
+    on this machine."""
 
     def __init__(self, model_of_ip: dict[str, str], fluctuate: bool) -> None:
         self._models = {ip: runtime_metrics.ModelMetrics(m) for ip, m in model_of_ip.items()}
@@ -109,7 +120,7 @@ class _SyntheticPods:
             def log_message(self, *_: object) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler)
+        self._server = _LoopbackOnlyServer(("0.0.0.0", 8080), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def scrape(self, ip: str) -> bytes:
@@ -197,6 +208,8 @@ def run(
             "run",
             "--namespace",
             namespace,
+            "--bind-address",
+            "127.0.0.1",
             "--health-port",
             str(HEALTH_PORT),
             "--metrics-port",

@@ -119,6 +119,8 @@ def server(command: list[str], ready_url: str, log: Path) -> Iterator[int]:
     with log.open("wb") as output:
         process = subprocess.Popen(
             ["taskset", "-c", SERVER_CORE, *command],
+            # Ours listens on loopback only (its default, 0.0.0.0, is for a pod's own address).
+            env=os.environ | {"MODELDEPLOY_HOST": "127.0.0.1"},
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -41,7 +41,11 @@ def triton(path: str, name: str, port: int) -> None:
     def infer(x: np.ndarray) -> dict[str, np.ndarray]:
         return {"probabilities": model.run(None, {"x": x})[0]}
 
-    config = TritonConfig(http_port=port, grpc_port=port + 1, metrics_port=port + 2)
+    config = TritonConfig(
+        http_address="127.0.0.1", http_port=port,
+        grpc_address="127.0.0.1", grpc_port=port + 1,
+        metrics_address="127.0.0.1", metrics_port=port + 2,
+    )  # fmt: skip
     with Triton(config=config) as server:
         server.bind(
             model_name=name,
@@ -63,6 +67,7 @@ def mlserver(path: str, name: str, port: int) -> None:
     (root / "settings.json").write_text(
         json.dumps(
             {
+                "host": "127.0.0.1",
                 "http_port": port,
                 "grpc_port": port + 1,
                 "metrics_port": port + 2,

@@ -179,6 +179,21 @@ def _executable(command: list[str]) -> list[str]:
     return [str(local) if local.exists() else command[0], *command[1:]]
 
 
+# Flags whose value is a URL path, not a file: never mapped onto a volume, even when it starts
+# like a mount path (a route path `/models/x` is not under the `/models` volume).
+_URL_PATH_FLAGS = (flags.flag(flags.PATH_PREFIX),)
+
+
+def _mapped_args(args: list[str], mounts: dict[str, Path]) -> list[str]:
+    mapped = []
+    for i, arg in enumerate(args):
+        url_path = (i > 0 and args[i - 1] in _URL_PATH_FLAGS) or arg.startswith(
+            tuple(f"{flag}=" for flag in _URL_PATH_FLAGS)
+        )
+        mapped.append(arg if url_path else _mapped(arg, mounts))
+    return mapped
+
+
 def _mapped(value: str, mounts: dict[str, Path]) -> str:
     for mount_path in sorted(mounts, key=len, reverse=True):
         if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
@@ -201,9 +216,7 @@ def plan(
                 mounts[mount["mountPath"]] = pvc_root / volume["persistentVolumeClaim"]["claimName"]
             else:
                 mounts[mount["mountPath"]] = workdir / "volumes" / mount["name"]
-        argv = _executable(container["command"]) + [
-            _mapped(arg, mounts) for arg in container.get("args", [])
-        ]
+        argv = _executable(container["command"]) + _mapped_args(container.get("args", []), mounts)
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         tmp = mounts.get("/tmp", workdir / "volumes" / "tmp")
         env |= {

@@ -30,14 +30,14 @@ def run(settings: config.OperatorSettings) -> int:
         # kopf logs every handled watch event; at a thousand models that is noise. Failures
         # are still logged, and the reconciler logs every write it makes.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    prometheus_client.start_http_server(settings.metrics_port)
+    prometheus_client.start_http_server(settings.metrics_port, addr=settings.bind_address)
     elector = _lead(settings) if settings.leader_election_namespace else None
     try:
         kopf.run(
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=True,
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+            liveness_endpoint=f"http://{settings.bind_address}:{settings.health_port}/healthz",
             memo=handlers.memo(settings),
         )
     finally:
@@ -58,7 +58,7 @@ def _lead(settings: config.OperatorSettings) -> Any:
         identity=leader.identity(),
         lease_seconds=settings.leader_election_lease_seconds,
     )
-    with _standby_liveness(settings.health_port):
+    with _standby_liveness(settings.bind_address, settings.health_port):
         elector.acquire()
     elector.keep_renewing(on_lost=_stop_acting)
     return elector
@@ -73,7 +73,7 @@ def _stop_acting() -> None:
 
 
 @contextlib.contextmanager
-def _standby_liveness(port: int) -> Iterator[None]:
+def _standby_liveness(address: str, port: int) -> Iterator[None]:
     """Answers the liveness probe while standing by; kopf answers it on that port once leading."""
 
     class Healthz(http.server.BaseHTTPRequestHandler):
@@ -85,7 +85,7 @@ def _standby_liveness(port: int) -> Iterator[None]:
         def log_message(self, *args: Any) -> None:
             pass  # a probe every few seconds is not news
 
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Healthz)
+    server = http.server.ThreadingHTTPServer((address, port), Healthz)
     threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True).start()
     try:
         yield
@@ -119,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--reconcile-workers", metavar="N", help=_help("reconcile_workers"))
     run.add_argument("--log-format", choices=["json", "plain"], help=_help("log_format"))
     run.add_argument("--verbose", action="store_const", const=True, help="debug logging")
+    run.add_argument("--bind-address", metavar="IP", help=_help("bind_address"))
     run.add_argument("--health-port", metavar="PORT", help=_help("health_port"))
     run.add_argument("--metrics-port", metavar="PORT", help=_help("metrics_port"))
     run.add_argument("--leader-election-namespace", metavar="NS",

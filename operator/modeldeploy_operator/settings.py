@@ -56,6 +56,10 @@ class OperatorSettings(BaseSettings):
     )
     log_format: Literal["json", "plain"] = "plain"
     verbose: bool = False
+    bind_address: str = pydantic.Field(
+        default="0.0.0.0",
+        description="address the /healthz and /metrics servers listen on (127.0.0.1 off-cluster)",
+    )
     health_port: int = pydantic.Field(default=8080, ge=0, le=65535, description="serves /healthz")
     metrics_port: int = pydantic.Field(
         default=9090, ge=0, le=65535, description="serves Prometheus /metrics"

@@ -1,65 +1,27 @@
-"""A client at status.url, through Traefik and the HTTPRoute the operator made, reaches the model.
-
-Pods on this cluster get no routable address yet, so the model is served by `modeldeploy serve`
-from the same manifest (the same builder turns spec.gateway.path into the runtime's prefix) on
-this machine's own address, and the route's Service gets an EndpointSlice naming it by hand.
-"""
+"""A client at status.url reaches the model the pod runner serves on the pod network, through
+Traefik: once by the Ingress the operator made, once by the HTTPRoute (the ClusterIP path is
+test_e2e_dataplane's). The two ModelDeployments share one namespace, pod runner and operator."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
-import yaml
 from kopf.testing import KopfRunner
 
 from modeldeploy_dev import ingress
-from operator_helpers import apply_md, free_port, ready_md, wait_for
-from support import Cluster, host_address
+from operator_helpers import apply_md, get, ready_md, wait_for
+from support import Cluster
 
 pytestmark = pytest.mark.e2e
 
-MODELDEPLOY = str(Path(sys.executable).parent / "modeldeploy")
 GATEWAY = {"name": ingress.GATEWAY, "namespace": ingress.NAMESPACE, "sectionName": ingress.LISTENER}
-
-
-def _spec(model: Path) -> dict[str, Any]:
-    return {
-        "model": {"uri": f"file://{model}", "name": "iris"},
-        "gateway": {"parentRefs": [GATEWAY], "hostnames": ["iris.example.com"], "path": "/ml"},
-    }
-
-
-@pytest.fixture
-def served_here(tmp_path: Path, demo_model: Path) -> Iterator[tuple[str, int]]:
-    manifest = tmp_path / "md.yaml"
-    body = {
-        "apiVersion": "modeldeploy.io/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": "iris"},
-        "spec": _spec(demo_model),
-    }
-    manifest.write_text(yaml.safe_dump(body))
-    address, port = host_address(), free_port()
-    process = subprocess.Popen(
-        [MODELDEPLOY, "serve", "-f", str(manifest), "--host", address,
-         "--http-port", str(port), "--grpc-port", str(free_port()),
-         "--workdir", str(tmp_path / "work")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        yield address, port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+# Near the centres of the demo data's three classes.
+EXAMPLES = np.array([[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]], np.float32)
 
 
 def _ready(client: httpclient.InferenceServerClient, headers: dict[str, str]) -> bool:
@@ -69,53 +31,77 @@ def _ready(client: httpclient.InferenceServerClient, headers: dict[str, str]) ->
         return False
 
 
-def test_tritonclient_at_status_url_goes_through_traefik_to_the_model(
+def _infer(client: httpclient.InferenceServerClient, headers: dict[str, str]) -> Any:
+    tensor = httpclient.InferInput("input", list(EXAMPLES.shape), "FP32")
+    tensor.set_data_from_numpy(EXAMPLES)
+    return client.infer("iris", [tensor], headers=headers).as_numpy("probabilities")
+
+
+def test_tritonclient_at_status_url_reaches_the_pods_through_the_ingress_and_the_http_route(
     cluster: Cluster,
     namespace: str,
-    operator: KopfRunner,
     demo_model: Path,
-    served_here: tuple[str, int],
+    runtime_pods: None,
+    operator: KopfRunner,
 ) -> None:
-    address, port = served_here
-    apply_md(cluster, namespace, "iris", _spec(demo_model))
-    md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"))
-    url = md["status"]["url"]
-    assert url == "http://iris.example.com/ml/v2/models/iris"
-    slice_ = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "iris-here",
-            "namespace": namespace,
-            "labels": {
-                "kubernetes.io/service-name": "iris",
-                "endpointslice.kubernetes.io/managed-by": "modeldeploy-tests",
-            },
+    model = {"uri": f"file://{demo_model}", "name": "iris"}
+    routes = {
+        "iris-ingress": {"ingress": {"host": f"ing.{namespace}.example", "path": "/ml"}},
+        "iris-route": {
+            "gateway": {
+                "parentRefs": [GATEWAY],
+                "hostnames": [f"route.{namespace}.example"],
+                # Starts like the pod's model volume's mount path (/models): the pod runner must
+                # not take it for a file under that volume.
+                "path": "/models/iris",
+            }
         },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
     }
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(slice_))
+    for name, route in routes.items():
+        apply_md(cluster, namespace, name, {"model": model, **route})
+    urls = {
+        name: wait_for(f"{name} Ready", lambda n=name: ready_md(cluster, namespace, n), 120)[
+            "status"
+        ]["url"]
+        for name in routes
+    }
+    assert urls == {
+        "iris-ingress": f"http://ing.{namespace}.example/ml/v2/models/iris",
+        "iris-route": f"http://route.{namespace}.example/models/iris/v2/models/iris",
+    }
+    # Real pods on the pod network are the only endpoints of each route's Service.
+    for name in routes:
+        service = get(cluster, namespace, "service", name)
+        assert service is not None and service["spec"]["clusterIP"].startswith("10.96.")
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o",
+                           "jsonpath={.items[*].status.podIP}").stdout.split()  # fmt: skip
+    assert len(pods) == 2 and all(p.startswith("10.244.") for p in pods), pods
 
-    # What a client does with status.url: the host goes into the Host header (no DNS here),
-    # the base path into tritonclient's url.
-    host, _, path = url.removeprefix("http://").partition("/")
-    base = path.removesuffix("/v2/models/iris")
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{ingress.INGRESS_PORT}/{base}")
-    headers = {"Host": host}
-    try:
-        wait_for("the model through Traefik", lambda: _ready(client, headers), timeout=60)
-        metadata = client.get_model_metadata("iris", headers=headers)
-        (source,) = metadata["inputs"]
-        x = np.random.default_rng(0).standard_normal((3, int(source["shape"][-1])))
-        tensor = httpclient.InferInput(source["name"], [3, int(source["shape"][-1])], "FP32")
-        tensor.set_data_from_numpy(x.astype(np.float32))
-        started = time.monotonic()
-        result = client.infer("iris", [tensor], headers=headers)
-        assert time.monotonic() - started < 10
-        probabilities = result.as_numpy("probabilities")
-        assert probabilities.shape[0] == 3
-        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
-    finally:
-        client.close()
+    answers = {}
+    for name, url in urls.items():
+        # What a client does with status.url: the host goes into the Host header (no DNS
+        # here), the base path into tritonclient's url, in front of Traefik's loopback port.
+        host, _, path = url.removeprefix("http://").partition("/")
+        base = path.removesuffix("/v2/models/iris")
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{ingress.INGRESS_PORT}/{base}")
+        headers = {"Host": host}
+        try:
+            wait_for(f"{name} through Traefik", lambda c=client, h=headers: _ready(c, h), 60)
+            metadata = client.get_model_metadata("iris", headers=headers)
+            assert [i["name"] for i in metadata["inputs"]] == ["input"]
+            answers[name] = _infer(client, headers)
+            # Another host, or the path without its prefix, is not routed.
+            assert not _ready(client, {"Host": f"elsewhere.{namespace}.example"})
+        finally:
+            client.close()
+        unprefixed = httpclient.InferenceServerClient(f"127.0.0.1:{ingress.INGRESS_PORT}")
+        try:
+            assert not _ready(unprefixed, headers)
+        finally:
+            unprefixed.close()
+
+    # The model's own outputs, as onnxruntime computes them here from the same file.
+    (expected,) = ort.InferenceSession(str(demo_model)).run(["probabilities"], {"input": EXAMPLES})
+    assert expected.argmax(axis=1).tolist() == [0, 1, 2]
+    for name, probabilities in answers.items():
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -1,44 +1,55 @@
 """The local cluster's Traefik: its Gateway is programmed, it routes an Ingress and an HTTPRoute
-to a real server, and its identity may do what its providers need and nothing more."""
+to a real server on the pod network, and its identity may do what its providers need and
+nothing more."""
 
 from __future__ import annotations
 
-import http.server
+import ipaddress
 import json
-import threading
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from modeldeploy_dev import build, ingress
+from modeldeploy_dev import build, ingress, network
 from operator_helpers import get, wait_for
-from support import Cluster, host_address
+from support import Cluster
 
 pytestmark = pytest.mark.integration
 
+ECHO_PORT = 8081
 
-class _Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
+
+_ECHO = """
+import http.server, json, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
         body = json.dumps({"path": self.path, "host": self.headers["Host"]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
+    def log_message(self, *args):
         pass
+http.server.ThreadingHTTPServer((sys.argv[1], ECHO_PORT), Echo).serve_forever()
+""".replace("ECHO_PORT", str(ECHO_PORT))
 
 
 @pytest.fixture
 def backend(cluster: Cluster, namespace: str) -> Iterator[None]:
-    """The Service `echo` whose one endpoint is a real HTTP server on this machine."""
-    address = host_address()
-    server = http.server.ThreadingHTTPServer((address, 0), _Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    """The Service `echo` whose one endpoint is a real HTTP server in a network namespace of its
+    own on the pod network, as the pod runner would run it (the top of the pod range, which the
+    runner, allocating from the bottom, does not reach)."""
+    uid = f"test-echo-{uuid.uuid4().hex[:8]}"
+    address = str(ipaddress.ip_network(network.POD_CIDR)[-2])
+    netns = network.attach(uid, address, "echo")
+    server = subprocess.Popen(network.in_namespace(netns, [sys.executable, "-c", _ECHO, address]))
     objects: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -56,14 +67,17 @@ def backend(cluster: Cluster, namespace: str) -> Iterator[None]:
             },
             "addressType": "IPv4",
             "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
-            "ports": [{"name": "http", "port": server.server_address[1], "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": ECHO_PORT, "protocol": "TCP"}],
         },
     ]
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"kind": "List", "apiVersion": "v1",
-                                                          "items": objects}))  # fmt: skip
-    yield
-    server.shutdown()
-    server.server_close()
+    try:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps({"kind": "List", "apiVersion": "v1",
+                                                              "items": objects}))  # fmt: skip
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        network.detach(uid)
 
 
 def _through_traefik(host: str, path: str) -> dict[str, Any] | None:
