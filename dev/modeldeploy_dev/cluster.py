@@ -427,17 +427,7 @@ def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
 def stop_component(component: str, sig: signal.Signals = signal.SIGKILL) -> None:
     """Stops one component of the running cluster and waits until it is gone; the others keep
     running. SIGKILL (the default) is a crash: the fault-injection tests use it."""
-    state = paths()
-    pid_file = state.pid(component)
-    if _pid_alive(pid_file):
-        pid = int(pid_file.read_text())
-        os.killpg(pid, sig)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _process_exists(pid):
-            time.sleep(0.05)
-        if _process_exists(pid):
-            os.killpg(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
+    _stop_processes(paths(), (component,), sig)
 
 
 def start_component(component: str) -> None:
@@ -468,7 +458,7 @@ def up() -> Paths:
         subprocess.run(["rm", "-rf", str(state.root)], check=True)
         pki.generate(state.pki)
         _write_kubeconfig(state.kubeconfig, state, "admin")
-        for stem in ("controller-manager", "scheduler", "kwok", "kube-proxy"):
+        for stem in ("controller-manager", "scheduler", "kwok", "kube-proxy", "traefik"):
             _write_kubeconfig(state.component_kubeconfig(stem), state, stem)
     _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kube-proxy")
     _start_control_plane(state, binaries)
@@ -483,13 +473,17 @@ def up() -> Paths:
     return state
 
 
-def _stop_processes(state: Paths, components: tuple[str, ...] = COMPONENTS) -> None:
+def _stop_processes(
+    state: Paths, components: tuple[str, ...] = COMPONENTS, sig: signal.Signals = signal.SIGTERM
+) -> None:
+    """Signals the components (last started first), then waits up to 15 s for them to go and
+    kills what is left."""
     alive: list[int] = []
     for component in reversed(components):
         pid_file = state.pid(component)
         if _pid_alive(pid_file):
             pid = int(pid_file.read_text())
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, sig)
             alive.append(pid)
         pid_file.unlink(missing_ok=True)
     deadline = time.monotonic() + 15

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any
 
-from modeldeploy_dev import build, cluster, pki
+from modeldeploy_dev import build, cluster
 
 INGRESS_PORT = int(os.environ.get("MODELDEPLOY_INGRESS_PORT", "18080"))
 # Traefik's own entry point: /ping, which says when it is up.
@@ -163,10 +163,7 @@ def install_gateway_api(binaries: build.Binaries) -> None:
 
 def up(state: cluster.Paths, binaries: build.Binaries) -> None:
     """Starts Traefik unless it runs; returns once its Gateway is programmed."""
-    if not (state.pki / f"{COMPONENT}.crt").is_file():
-        pki.issue_client(state.pki, COMPONENT)
     kubeconfig = state.component_kubeconfig(COMPONENT)
-    cluster._write_kubeconfig(kubeconfig, state, COMPONENT)
     install_gateway_api(binaries)
     objects = {"apiVersion": "v1", "kind": "List", "items": _objects()}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(objects))

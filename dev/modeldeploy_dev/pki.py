@@ -79,22 +79,6 @@ def _issue(
     _write_key(directory / f"{stem}.key", key)
 
 
-def issue_client(directory: Path, stem: str) -> None:
-    """Issues one client certificate of CLIENTS with the existing CA (for a cluster whose
-    certificates were generated before that client was added)."""
-    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    _, common_name, organization = next(client for client in CLIENTS if client[0] == stem)
-    _issue(
-        directory,
-        stem,
-        _name(common_name, organization),
-        (ca_cert, ca_key),
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
-
-
 def generate(directory: Path) -> None:
     """Writes ca.{crt,key}, serving certs, client certs and the service-account key pair."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -191,8 +191,8 @@ def serve_settings(
         settings[flags.CUDNN_CONV_ALGO_SEARCH] = runtime.cudnn_conv_algo_search
     if spec.model.version:
         settings[flags.MODEL_VERSION] = spec.model.version
-    if path_prefix(spec):
-        settings[flags.PATH_PREFIX] = path_prefix(spec)
+    if prefix := path_prefix(spec):
+        settings[flags.PATH_PREFIX] = prefix
     if spec.calibration_uri:
         settings[flags.CALIBRATION_PATH] = paths.artifact_path(
             calibration_dir, spec.calibration_uri

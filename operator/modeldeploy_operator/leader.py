@@ -4,10 +4,9 @@ The rules are client-go's. A standby takes the Lease when it has no holder, or w
 it unchanged for the Lease's whole duration, timed on its own clock (clocks need not agree). The
 leader renews it every retry period and gives up (the process exits) when a renewal cycle could not
 renew within `renew_deadline`, a third shorter than the duration: it stops before a standby may
-start. Every
-write carries the resourceVersion it read, so of two racing writers the API server lets one win
-and answers the other 409. On a graceful shutdown the leader clears the holder, and a standby
-takes over at its next attempt.
+start. Every write carries the resourceVersion it read, so of two racing writers the API server
+lets one win and answers the other 409. On a graceful shutdown the leader clears the holder,
+and a standby takes over at its next attempt.
 """
 
 from __future__ import annotations
