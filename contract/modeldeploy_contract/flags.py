@@ -40,6 +40,9 @@ HTTP_PORT = "http_port"
 GRPC_PORT = "grpc_port"
 # The HTTP routes are also served under this prefix (the Ingress or HTTPRoute path).
 PATH_PREFIX = "path_prefix"
+# Variable-length batching: a JSON object {"inputs": {name: {"axis": 1, "value": 0}},
+# "outputs": {name: axis}, "buckets": [lengths]}, as spec.runtime.padding.
+PADDING = "padding"
 # Environment only: local choices of the machine, not of the ModelDeployment.
 HOST = "host"
 CACHE_DIR = "cache_dir"
@@ -65,6 +68,7 @@ SERVE_FLAGS = (
     HTTP_PORT,
     GRPC_PORT,
     PATH_PREFIX,
+    PADDING,
 )
 
 

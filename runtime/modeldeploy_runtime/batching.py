@@ -14,6 +14,13 @@ keep queueing, so under load batches grow without any added delay.
 
 When a merged batch fails, its requests are re-run in halves, so only the requests that
 fail on their own get an error, and only their own.
+
+With ``Padding`` (opt-in, ``spec.runtime.padding``) requests whose variable-length inputs
+differ in length share a batch too: each is padded along its axis with the pad value to
+the batch's longest length, or to the length bucket the request falls in (then requests
+of one bucket share batches), and the outputs having that axis are cut back to each
+request's own length.  The model must ignore the padding (an attention mask), as
+sequence models do.
 """
 
 from __future__ import annotations
@@ -38,6 +45,100 @@ class QueueFullError(Exception):
     """The queue holds its limit of requests or bytes; the caller should retry later."""
 
 
+class InvalidRequestError(ValueError):
+    """The request cannot be batched as it is (a client error, answered 400)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Padding:
+    """Variable-length inputs: what is padded, with what, and what is cut back."""
+
+    # Input name -> (axis, pad value); every padded input of a request has one length.
+    inputs: Mapping[str, tuple[int, float]]
+    # Output index -> its axis of that length, cut back to each request's own.
+    outputs: Mapping[int, int]
+    # Sorted lengths to pad up to; none: the batch's longest.
+    buckets: tuple[int, ...] = ()
+
+    @classmethod
+    def for_model(
+        cls,
+        served: tensors.Signature,
+        inputs: Mapping[str, tuple[int, float]],
+        outputs: Mapping[str, int],
+        buckets: Sequence[int] = (),
+    ) -> Padding:
+        """Checked against the model; raises ``ValueError`` naming what does not fit.
+
+        Outputs not given are cut back along every axis the model names like a padded
+        input's padded axis ("sequence").
+        """
+        if not served.batchable:
+            raise ValueError("padding needs a model whose inputs and outputs batch on axis 0")
+        specs = {spec.name: spec for spec in served.inputs}
+        axis_names = set()
+        for name, (axis, _) in inputs.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise ValueError(
+                    f"padding names input {name!r}, which the model does not have; its "
+                    f"inputs are {sorted(specs)}"
+                )
+            if not 1 <= axis < len(spec.shape) or spec.shape[axis] >= 0:
+                raise ValueError(
+                    f"padding input {name!r} on axis {axis}: the model's shape "
+                    f"{list(spec.shape)} has no variable axis there (-1 is variable)"
+                )
+            if axis < len(spec.dim_names):
+                axis_names.add(spec.dim_names[axis])
+        axis_names.discard("")
+        cut: dict[int, int] = {}
+        for index, spec in enumerate(served.outputs):
+            if spec.name in outputs:
+                axis = outputs[spec.name]
+                if not 1 <= axis < len(spec.shape) or spec.shape[axis] >= 0:
+                    raise ValueError(
+                        f"padding output {spec.name!r} on axis {axis}: the model's shape "
+                        f"{list(spec.shape)} has no variable axis there (-1 is variable)"
+                    )
+                cut[index] = axis
+                continue
+            named = [i for i, dim in enumerate(spec.dim_names) if i and dim in axis_names]
+            if named:
+                cut[index] = named[0]
+        unknown = sorted(outputs.keys() - {spec.name for spec in served.outputs})
+        if unknown:
+            raise ValueError(f"padding names output(s) {unknown}, which the model does not have")
+        return cls(dict(inputs), cut, tuple(sorted(set(buckets))))
+
+    def length(self, inputs: Inputs) -> int:
+        """The request's length along its padded axes; they must agree."""
+        lengths = {
+            name: inputs[name].shape[axis]
+            for name, (axis, _) in self.inputs.items()
+            if name in inputs and inputs[name].ndim > axis
+        }
+        if len(lengths) != len(self.inputs):
+            missing = sorted(self.inputs.keys() - lengths.keys())
+            raise InvalidRequestError(f"padded input(s) {missing} lack their padded axis")
+        if len(set(lengths.values())) > 1:
+            raise InvalidRequestError(
+                f"padded inputs must have one length along their padded axes, not {lengths}"
+            )
+        length: int = next(iter(lengths.values()))
+        if self.buckets and length > self.buckets[-1]:
+            raise InvalidRequestError(
+                f"a length of {length} is longer than the largest padding bucket {self.buckets[-1]}"
+            )
+        return length
+
+    def target(self, length: int) -> int:
+        """The length a request of ``length`` is padded to: its bucket, or itself."""
+        if not self.buckets:
+            return length
+        return self.buckets[bisect.bisect_left(self.buckets, length)]
+
+
 class Runner(Protocol):
     """Runs merged batches; ``prepare`` and ``run`` are called from two threads, in order."""
 
@@ -51,9 +152,19 @@ class Runner(Protocol):
         """Run inputs that were merged and padded without the reused buffers."""
 
 
-def signature(inputs: Inputs) -> Hashable:
-    """Requests can share a batch only when everything but the batch dim agrees."""
-    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())
+def signature(inputs: Inputs, padding: Padding | None = None) -> Hashable:
+    """Requests can share a batch only when everything but the batch dim agrees; with
+    padding, a padded axis agrees with any length (or any of the same bucket)."""
+    if padding is None:
+        return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())
+    target = padding.target(padding.length(inputs)) if padding.buckets else -1
+    key = []
+    for name, array in inputs.items():
+        shape = list(array.shape)
+        if name in padding.inputs:
+            shape[padding.inputs[name][0]] = target
+        key.append((name, array.dtype.str, tuple(shape[1:])))
+    return tuple(key)
 
 
 def padded_size(sizes: Sequence[int], rows: int) -> int:
@@ -64,22 +175,56 @@ def padded_size(sizes: Sequence[int], rows: int) -> int:
     return sizes[index]
 
 
-def merge(requests: Sequence[Inputs], padded: int | None = None) -> dict[str, tensors.Array]:
-    """Concatenate along the batch axis; zero rows are added up to ``padded``."""
+def merge(
+    requests: Sequence[Inputs], padded: int | None = None, padding: Padding | None = None
+) -> dict[str, tensors.Array]:
+    """Concatenate along the batch axis; zero rows are added up to ``padded``.  With
+    ``padding``, padded inputs are first filled out to the batch's length (or bucket)."""
     rows = sum(len(next(iter(r.values()))) for r in requests)
+    if padding is not None:
+        return _merge_padded(requests, rows if padded is None else padded, padding)
     if len(requests) == 1 and (padded is None or padded == rows):
         return dict(requests[0])
     merged = {}
     for name, first in requests[0].items():
         parts = [r[name] for r in requests]
         if padded is not None and padded > rows:
-            parts.append(np.zeros((padded - rows, *first.shape[1:]), first.dtype))
+            parts.append(tensors.filled((padded - rows, *first.shape[1:]), first.dtype))
         merged[name] = np.concatenate(parts)
     return merged
 
 
-def split(outputs: Sequence[tensors.Array], sizes: Sequence[int]) -> list[list[tensors.Array]]:
-    """Cut each output back into per-request slices (views, no copies); padding is dropped."""
+def _merge_padded(
+    requests: Sequence[Inputs], padded: int, padding: Padding
+) -> dict[str, tensors.Array]:
+    """Each input written once into an array of the pad value shaped for the whole batch."""
+    length = padding.target(max(padding.length(r) for r in requests))
+    merged = {}
+    for name, first in requests[0].items():
+        axis, value = padding.inputs.get(name, (0, 0))
+        shape = [padded, *first.shape[1:]]
+        if axis:
+            shape[axis] = length
+        batch = tensors.filled(tuple(shape), first.dtype, value)
+        offset = 0
+        for request in requests:
+            array = request[name]
+            rows = (slice(offset, offset + len(array)),)
+            batch[rows + tuple(slice(0, d) for d in array.shape[1:])] = array
+            offset += len(array)
+        merged[name] = batch
+    return merged
+
+
+def split(
+    outputs: Sequence[tensors.Array],
+    sizes: Sequence[int],
+    lengths: Sequence[int] = (),
+    padding: Padding | None = None,
+) -> list[list[tensors.Array]]:
+    """Cut each output back into per-request slices (views, no copies); padding is dropped:
+    rows past the requests', and with ``padding`` what lies past each request's ``lengths``
+    along the padded outputs' axes."""
     total = sum(sizes)
     for output in outputs:
         if output.ndim == 0 or output.shape[0] < total:
@@ -87,10 +232,23 @@ def split(outputs: Sequence[tensors.Array], sizes: Sequence[int]) -> list[list[t
                 f"model returned an output of shape {list(output.shape)} for a batch of {total}"
             )
     if len(sizes) == 1:
-        return [[output[:total] for output in outputs]]
-    offsets = np.cumsum(sizes[:-1])
-    per_output = [np.split(output[:total], offsets) for output in outputs]
-    return [list(parts) for parts in zip(*per_output, strict=True)]
+        parts = [[output[:total] for output in outputs]]
+    else:
+        offsets = np.cumsum(sizes[:-1])
+        per_output = [np.split(output[:total], offsets) for output in outputs]
+        parts = [list(request) for request in zip(*per_output, strict=True)]
+    if padding is None:
+        return parts
+    for index, axis in padding.outputs.items():
+        longest = max(lengths)
+        if outputs[index].ndim <= axis or outputs[index].shape[axis] < longest:
+            raise ValueError(
+                f"model returned an output of shape {list(outputs[index].shape)}, with no "
+                f"axis {axis} of length {longest} to cut back"
+            )
+        for request, length in zip(parts, lengths, strict=True):
+            request[index] = request[index][(slice(None),) * axis + (slice(0, length),)]
+    return parts
 
 
 @dataclasses.dataclass(slots=True)
@@ -101,6 +259,8 @@ class _Request:
     key: Hashable
     enqueued: float
     future: asyncio.Future[list[tensors.Array]]
+    # Along the padded axes (0 without padding).
+    length: int = 0
 
 
 Result = list[tensors.Array] | Exception
@@ -117,8 +277,10 @@ class Batcher:
         stats: metrics.ModelMetrics,
         max_queue_bytes: int | None = None,
         pipelined: bool = True,
+        padding: Padding | None = None,
     ) -> None:
         self._runner = runner
+        self._padding = padding
         self.sizes = tuple(sorted(set(sizes)))
         self.max_batch_size = self.sizes[-1]
         self._max_delay_s = max_delay_s
@@ -167,7 +329,7 @@ class Batcher:
             )
         if len(self._pending) >= self._max_queue_size:
             raise QueueFullError(f"the request queue is full ({self._max_queue_size} requests)")
-        nbytes = sum(array.nbytes for array in inputs.values())
+        nbytes = sum(tensors.nbytes(array) for array in inputs.values())
         if (
             self._max_queue_bytes is not None
             and self._pending
@@ -176,8 +338,15 @@ class Batcher:
             raise QueueFullError(
                 f"the request queue is full ({self._max_queue_bytes} bytes of tensors)"
             )
+        padding = self._padding
         request = _Request(
-            inputs, size, nbytes, signature(inputs), time.monotonic(), loop.create_future()
+            inputs,
+            size,
+            nbytes,
+            signature(inputs, padding),
+            time.monotonic(),
+            loop.create_future(),
+            padding.length(inputs) if padding is not None else 0,
         )
         self._pending.append(request)
         self._pending_examples += size
@@ -250,7 +419,7 @@ class Batcher:
             return
         try:
             prepared = await loop.run_in_executor(
-                self._prepare_pool, self._runner.prepare, inputs, rows, padded
+                self._prepare_pool, self._prepare, inputs, rows, padded
             )
         except Exception as error:
             self._started()
@@ -263,11 +432,17 @@ class Batcher:
         self._waiting -= 1
         self._wake.set()
 
+    def _prepare(self, inputs: list[Inputs], rows: int, padded: int) -> Any:
+        if self._padding is None:
+            return self._runner.prepare(inputs, rows, padded)
+        # Padded requests differ in shape: merged here, the runner sees one request.
+        return self._runner.prepare([merge(inputs, padded, self._padding)], padded, padded)
+
     def _prepare_and_run(
         self, batch: list[_Request], inputs: list[Inputs], rows: int, padded: int
     ) -> list[Result]:
         try:
-            prepared = self._runner.prepare(inputs, rows, padded)
+            prepared = self._prepare(inputs, rows, padded)
         except Exception as error:
             return [error] * len(batch)
         return self._run(batch, prepared)
@@ -284,7 +459,7 @@ class Batcher:
 
     def _isolate(self, batch: list[_Request]) -> list[Result]:
         rows = sum(r.size for r in batch)
-        inputs = merge([r.inputs for r in batch], padded_size(self.sizes, rows))
+        inputs = merge([r.inputs for r in batch], padded_size(self.sizes, rows), self._padding)
         return self._bisecting(batch, lambda: self._runner.run_once(inputs))
 
     def _bisecting(
@@ -305,7 +480,7 @@ class Batcher:
         with self._stats.inference_duration.time():
             outputs = run()
         sizes = [r.size for r in batch]
-        parts = split(outputs, sizes)
+        parts = split(outputs, sizes, [r.length for r in batch], self._padding)
         self._stats.batch_size.observe(sum(sizes))
         return list(parts)
 

@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="/P",
         help="serve the HTTP routes under this prefix too (the Ingress or HTTPRoute path)",
     )
+    run.add_argument(
+        flags.flag(flags.PADDING),
+        metavar="JSON",
+        help='pad variable-length inputs to share batches: {"inputs": {"ids": {"axis": 1}}}',
+    )
     return parser
 
 

@@ -264,6 +264,8 @@ class DataPlane:
             results = await backend.submit(request.inputs, request.size)
         except batching.QueueFullError as error:
             raise RejectedError(str(error)) from None
+        except batching.InvalidRequestError as error:
+            raise InvalidInputError(str(error)) from None
         except Exception as error:
             raise InferenceError(f"inference failed: {error}") from error
         outputs = [
@@ -353,6 +355,8 @@ def _checked_shape(spec: tensors.TensorSpec, shape: Any) -> tuple[int, ...]:
 
 
 def _decode(tensor: WireTensor, spec: tensors.TensorSpec, shape: tuple[int, ...]) -> tensors.Array:
+    if spec.datatype == tensors.BYTES:
+        return _decode_bytes(tensor.data, spec, shape)
     dtype = tensors.DATATYPES[spec.datatype]
     count = math.prod(shape)
     data = tensor.data
@@ -395,6 +399,46 @@ def _decode(tensor: WireTensor, spec: tensors.TensorSpec, shape: tuple[int, ...]
             f"needs {count}"
         )
     return array.reshape(shape)
+
+
+def _decode_bytes(data: Any, spec: tensors.TensorSpec, shape: tuple[int, ...]) -> tensors.Array:
+    """A string tensor: length-prefixed binary, a (nested) JSON list of strings, or gRPC's
+    ``bytes_contents``; every element must be UTF-8 text (what ONNX string tensors hold)."""
+    count = math.prod(shape)
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            return tensors.deserialize_bytes(data, count).reshape(shape)
+        except ValueError as error:
+            raise InvalidInputError(f"input {spec.name!r}: BYTES data: {error}") from None
+    if isinstance(data, dict | str) or not hasattr(data, "__len__"):
+        raise InvalidInputError(f"input {spec.name!r}: data must be a list of strings")
+    if isinstance(data, list):
+        # Nested lists are flattened by numpy; a ragged nesting leaves lists as elements.
+        try:
+            items = np.asarray(data, dtype=tensors.OBJECT).ravel()
+        except (ValueError, TypeError):
+            raise InvalidInputError(
+                f"input {spec.name!r}: data is not a list of strings shaped {list(shape)}"
+            ) from None
+    else:
+        items = np.empty(len(data), tensors.OBJECT)
+        items[:] = list(data)
+    if items.size != count:
+        raise InvalidInputError(
+            f"input {spec.name!r}: {items.size} values of data, but shape {list(shape)} "
+            f"needs {count}"
+        )
+    for i, item in enumerate(items):
+        if isinstance(item, bytes):
+            try:
+                items[i] = item.decode()
+            except UnicodeDecodeError:
+                raise InvalidInputError(
+                    f"input {spec.name!r}: element {i} is not UTF-8; string tensors hold text"
+                ) from None
+        elif not isinstance(item, str):
+            raise InvalidInputError(f"input {spec.name!r}: data is not a list of strings")
+    return items.reshape(shape)
 
 
 def _batch_size(served: tensors.Signature, inputs: Mapping[str, tensors.Array]) -> int:

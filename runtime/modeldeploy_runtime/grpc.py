@@ -4,7 +4,8 @@ The messages and service stubs are the ones generated and shipped by the maintai
 ``tritonclient`` package (``tritonclient.grpc.service_pb2``/``service_pb2_grpc``), so
 the wire contract is the one its clients speak.  Inputs are read from
 ``raw_input_contents`` (as bytes) or typed ``contents`` (straight into numpy, counted
-against the shape first); outputs are always sent raw.
+against the shape first; strings from ``bytes_contents``); outputs are always sent raw,
+BYTES ones length-prefixed as ``tritonclient`` reads them.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modeldeploy_runtime import dataplane, metrics
+from modeldeploy_runtime import dataplane, metrics, tensors
 
 _CODES: dict[type[dataplane.InferenceError], grpc.StatusCode] = {
     dataplane.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -38,6 +38,7 @@ _CONTENTS_FIELD = {
     "UINT64": "uint64_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -86,12 +87,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 decode,
                 request,
                 # Raw contents decode in place, for free; only typed contents cost.
-                offload=request.ByteSize() - sum(map(len, request.raw_input_contents))
-                > dataplane.OFFLOAD_BYTES,
+                offload=_costly_bytes(request) > dataplane.OFFLOAD_BYTES,
             )
         except dataplane.InferenceError as error:
             await context.abort(_CODES[type(error)], str(error))
         return _encode(response)
+
+
+def _costly_bytes(request: Any) -> int:
+    """The bytes that cost Python work to decode: all of them when strings are sent (each
+    element is an object of its own), else the typed contents (raw ones are free)."""
+    if any(tensor.datatype == "BYTES" for tensor in request.inputs):
+        return int(request.ByteSize())
+    return int(request.ByteSize() - sum(map(len, request.raw_input_contents)))
 
 
 def decode(plane: dataplane.Decoder, request: Any) -> tuple[dataplane.InferenceRequest, None]:
@@ -133,7 +141,7 @@ def _encode(response: dataplane.InferenceResponse) -> Any:
             )
             for o in response.outputs
         ],
-        raw_output_contents=[np.ascontiguousarray(o.data).tobytes() for o in response.outputs],
+        raw_output_contents=[tensors.to_bytes(o.data) for o in response.outputs],
     )
 
 

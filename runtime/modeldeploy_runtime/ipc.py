@@ -8,6 +8,10 @@ pair; the engine batches views of that memory, writes the outputs back into the 
 and replies with descriptors.  Tensors never cross the socket; only descriptors do,
 coalesced so that one write carries every message of an event-loop turn.
 
+String (BYTES) tensors are numpy object arrays, which no raw buffer can hold: they cross
+serialised, their elements length-prefixed as on the wire (``tensors.serialize_bytes``),
+inputs in the arena and outputs inline in the reply.
+
 The arena bounds the bytes a worker can have queued: when it is full the request gets
 ``QueueFullError`` (429 / RESOURCE_EXHAUSTED), never more memory.
 """
@@ -30,6 +34,7 @@ import numpy as np
 from modeldeploy_runtime import batching, tensors
 
 _ALIGN = 64
+_OBJECT = tensors.OBJECT
 _LENGTH = struct.Struct("<I")
 
 # Message kinds.
@@ -98,6 +103,13 @@ class Arena:
         return np.ndarray(tuple(shape), np.dtype(dtype), buffer=self.memory, offset=offset)
 
 
+def _from_bytes(data: bytes, dtype: str, shape: Sequence[int]) -> tensors.Array:
+    """A tensor sent inline (or a string tensor's serialised extent) back as an array."""
+    if dtype == _OBJECT.str:
+        return tensors.deserialize_bytes(data, math.prod(shape)).reshape(tuple(shape))
+    return np.frombuffer(data, np.dtype(dtype)).reshape(tuple(shape))
+
+
 def _aligned(nbytes: int) -> int:
     return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -156,7 +168,7 @@ def _output_capacity(signature: tensors.Signature, size: int) -> int:
     """Bytes to reserve for a request's outputs; dynamic dims are sent inline instead."""
     total = 0
     for spec in signature.outputs:
-        if any(d < 0 for d in spec.shape[1:]):
+        if any(d < 0 for d in spec.shape[1:]) or spec.datatype == tensors.BYTES:
             continue
         itemsize = tensors.DATATYPES[spec.datatype].itemsize
         total += _aligned(size * math.prod(spec.shape[1:]) * itemsize)
@@ -177,7 +189,16 @@ class EngineClient:
         if self.signature is None:
             raise RuntimeError("the engine has not sent the model's signature yet")
         capacity = _output_capacity(self.signature, size)
-        need = sum(_aligned(a.nbytes) for a in inputs.values()) + capacity
+        # Strings go as their wire form, numbers as they are.
+        strings = {
+            name: tensors.serialize_bytes(array)
+            for name, array in inputs.items()
+            if array.dtype == _OBJECT
+        }
+        sizes = {
+            name: len(strings[name]) if name in strings else a.nbytes for name, a in inputs.items()
+        }
+        need = sum(_aligned(nbytes) for nbytes in sizes.values()) + capacity
         if need > self._arena.size:
             raise ValueError(
                 f"the request needs {need} bytes of queue, more than this worker's share "
@@ -191,9 +212,13 @@ class EngineClient:
         offset = start
         described = []
         for name, array in inputs.items():
-            self._arena.view(offset, array.shape, array.dtype.str)[...] = array
-            described.append((name, array.dtype.str, array.shape, offset))
-            offset += _aligned(array.nbytes)
+            nbytes = sizes[name]
+            if name in strings:
+                self._arena.memory[offset : offset + nbytes] = strings[name]
+            else:
+                self._arena.view(offset, array.shape, array.dtype.str)[...] = array
+            described.append((name, array.dtype.str, array.shape, offset, nbytes))
+            offset += _aligned(nbytes)
         request_id = next(self._ids)
         future: asyncio.Future[list[tensors.Array]] = asyncio.get_running_loop().create_future()
         # The extent is freed when the engine answers, even if this caller has gone.
@@ -210,7 +235,7 @@ class EngineClient:
         future, start, need = self._pending.pop(request_id)
         if ok:
             outputs = [
-                np.frombuffer(inline, np.dtype(dtype)).reshape(shape)
+                _from_bytes(inline, dtype, shape)
                 if inline is not None
                 else np.array(self._arena.view(offset, shape, dtype))
                 for dtype, shape, offset, inline in payload
@@ -225,7 +250,7 @@ class EngineClient:
             error: Exception = (
                 batching.QueueFullError(message)
                 if kind == QUEUE_FULL
-                else ValueError(message)
+                else batching.InvalidRequestError(message)
                 if kind == INVALID
                 else RuntimeError(message)
             )
@@ -257,10 +282,13 @@ class WorkerLink:
                 future.cancel()
             return
         _, request_id, size, described, out_offset, capacity = message
-        inputs = {
-            name: self._arena.view(offset, shape, dtype) for name, dtype, shape, offset in described
-        }
         try:
+            inputs = {
+                name: _from_bytes(self._arena.memory[offset : offset + nbytes], dtype, shape)
+                if dtype == _OBJECT.str
+                else self._arena.view(offset, shape, dtype)
+                for name, dtype, shape, offset, nbytes in described
+            }
             future = self._enqueue(inputs, size)
         except batching.QueueFullError as error:
             self._channel.send((RESULTS, request_id, False, (QUEUE_FULL, str(error))))
@@ -286,7 +314,9 @@ class WorkerLink:
         end = offset + capacity
         for output in done.result():
             nbytes = _aligned(output.nbytes)
-            if offset + nbytes <= end:
+            if output.dtype == _OBJECT:
+                described.append((_OBJECT.str, output.shape, 0, tensors.serialize_bytes(output)))
+            elif offset + nbytes <= end:
                 self._arena.view(offset, output.shape, output.dtype.str)[...] = output
                 described.append((output.dtype.str, output.shape, offset, None))
                 offset += nbytes

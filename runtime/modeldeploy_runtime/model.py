@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
 from modeldeploy_runtime import settings, tensors
@@ -35,6 +34,7 @@ _ORT_TYPES = {
     "tensor(float16)": "FP16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
 }
 
 
@@ -175,9 +175,9 @@ class OnnxModel:
     def example_inputs(self, batch: int = 1) -> dict[str, Array]:
         """Zeros shaped like the inputs, dynamic dims set to ``batch`` (first) or 1."""
         return {
-            spec.name: np.zeros(
-                [batch if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(spec.shape)],
-                dtype=DATATYPES[spec.datatype],
+            spec.name: tensors.filled(
+                tuple(batch if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(spec.shape)),
+                DATATYPES[spec.datatype],
             )
             for spec in self.inputs
         }
@@ -188,7 +188,8 @@ def _spec(node: ort.NodeArg) -> TensorSpec:
     if datatype is None:
         raise ValueError(f"tensor {node.name!r} has type {node.type}, which is not served")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, datatype, shape)
+    names = tuple(d if isinstance(d, str) else "" for d in node.shape)
+    return TensorSpec(node.name, datatype, shape, names)
 
 
 def resolve_device(device: settings.Device) -> str:

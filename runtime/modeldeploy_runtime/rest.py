@@ -4,7 +4,8 @@ JSON tensors and the binary tensor data extension: with an
 ``Inference-Header-Content-Length: N`` header the first N bytes of the body are the
 JSON header and the raw tensors follow, each input marked with
 ``parameters.binary_data_size``.  Outputs are returned binary when asked for
-(``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``).
+(``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``).  ``BYTES``
+tensors are lists of strings in JSON and length-prefixed elements in binary.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from modeldeploy_runtime import dataplane, metrics
+from modeldeploy_runtime import dataplane, metrics, tensors
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -89,8 +90,8 @@ class Endpoints:
                 version,
                 body,
                 header_length,
-                # Binary tensors decode in place, for free; only JSON costs.
-                offload=_json_bytes(body, header_length) > dataplane.OFFLOAD_BYTES,
+                # Binary tensors decode in place, for free; only JSON and strings cost.
+                offload=_costly_bytes(body, header_length) > dataplane.OFFLOAD_BYTES,
             )
         except dataplane.InferenceError as error:
             return _error(_STATUS[type(error)], str(error))
@@ -120,9 +121,12 @@ def create_app(plane: dataplane.DataPlane, max_body: int, path_prefix: str = "")
     return app
 
 
-def _json_bytes(body: bytes, header_length: str | None) -> int:
+def _costly_bytes(body: bytes, header_length: str | None) -> int:
+    """The JSON header's bytes, or the whole body's when it may carry binary strings (each
+    element becomes an object of its own)."""
     if header_length is not None and header_length.isdigit():
-        return min(int(header_length), len(body))
+        header = min(int(header_length), len(body))
+        return len(body) if b'"BYTES"' in body[:header] else header
     return len(body)
 
 
@@ -231,9 +235,11 @@ def _encode(
             "shape": list(output.data.shape),
         }
         if all_binary or output.name in binary_outputs:
-            raw = np.ascontiguousarray(output.data).tobytes()
+            raw = tensors.to_bytes(output.data)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif output.data.dtype == tensors.OBJECT:
+            entry["data"] = [str(item) for item in output.data.flat]
         else:
             entry["data"] = np.ascontiguousarray(output.data).ravel()
         outputs.append(entry)

@@ -21,10 +21,9 @@ import logging
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
-from modeldeploy_runtime import batching, model
+from modeldeploy_runtime import batching, model, tensors
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class SessionRunner:
             self._buffers.move_to_end(key)
             return buffers
         host = {
-            name: np.zeros((padded, *array.shape[1:]), array.dtype)
+            name: tensors.filled((padded, *array.shape[1:]), array.dtype)
             for name, array in example.items()
         }
         buffers = _Buffers(host, {})

@@ -85,6 +85,26 @@ def _warm_up(
             session_runner.run(session_runner.prepare([served.example_inputs(size)], size, size))
 
 
+def _padding(config: settings.ServeSettings, served: model.Signature) -> batching.Padding | None:
+    if config.padding is None:
+        return None
+    given = config.padding
+    padding = batching.Padding.for_model(
+        served,
+        {name: (padded.axis, padded.value) for name, padded in given.inputs.items()},
+        given.outputs,
+        given.buckets,
+    )
+    cut = [served.outputs[index].name for index in padding.outputs]
+    logger.info(
+        "padding %s to %s; outputs cut back: %s",
+        sorted(padding.inputs),
+        f"the buckets {list(padding.buckets)}" if padding.buckets else "the longest in a batch",
+        cut or "none",
+    )
+    return padding
+
+
 class _Backend:
     """Loads the model, runs its batcher, and warms every batch size up."""
 
@@ -107,6 +127,7 @@ class _Backend:
         await asyncio.to_thread(_warm_up, session_runner, served, sizes)
         self.batcher = batching.Batcher(
             session_runner,
+            padding=_padding(config, served.signature),
             sizes=sizes,
             max_delay_s=config.max_batch_delay_ms / 1000,
             max_queue_size=config.max_queue_size,

@@ -12,6 +12,7 @@ the environment only: ``MODELDEPLOY_HOST``, ``MODELDEPLOY_MAX_REQUEST_BYTES``,
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +50,31 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _CONFIG = SettingsConfigDict(env_prefix=flags.ENV_PREFIX, frozen=True, extra="forbid")
 
 
+class PaddedInput(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    # Axis 0 is the batch.
+    axis: int = pydantic.Field(ge=1)
+    value: float = 0
+
+
+class Padding(pydantic.BaseModel):
+    """Variable-length batching (``flags.PADDING``, a JSON object of these fields)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    inputs: dict[str, PaddedInput] = pydantic.Field(min_length=1)
+    # Output name -> the axis cut back; by default outputs whose axis the model names like
+    # a padded input's axis.
+    outputs: dict[str, Annotated[int, pydantic.Field(ge=1)]] = {}
+    buckets: tuple[Annotated[int, pydantic.Field(ge=1)], ...] = ()
+
+    @pydantic.field_validator("buckets")
+    @classmethod
+    def _sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(value)))
+
+
 class ServeSettings(BaseSettings):
     model_config = _CONFIG
 
@@ -80,6 +106,8 @@ class ServeSettings(BaseSettings):
     # The HTTP routes are served under this prefix as well as at the root (where the probes and
     # the Service's clients find them), so that an Ingress or HTTPRoute needs no rewrite.
     path_prefix: str = pydantic.Field(default="", pattern=values.PATH_PREFIX_PATTERN)
+    # Opt-in: requests of different lengths share batches, padded (batching.Padding).
+    padding: Annotated[Padding | None, NoDecode] = None
 
     host: str = "0.0.0.0"
     # Bodies above this get 413; it bounds the memory one request can take.
@@ -104,6 +132,16 @@ class ServeSettings(BaseSettings):
                 raise ValueError(
                     f"batch_sizes must be a comma-separated list of integers, not {value!r}"
                 ) from None
+        return value
+
+    @pydantic.field_validator("padding", mode="before")
+    @classmethod
+    def _parse_padding(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"padding must be a JSON object: {error}") from None
         return value
 
     @pydantic.field_validator("batch_sizes")
