@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import runtime_fixtures
 from runtime_fixtures import HEAVY_FEATURES, MLP_CLASSES, MLP_FEATURES, mlp_layers
 
 
@@ -29,3 +30,15 @@ def fixed_model(models_dir: Path) -> Path:
 def heavy_model(models_dir: Path) -> Path:
     """A wider MatMul stack: enough work per example for quantization to matter."""
     return mlp_layers(models_dir / "heavy.onnx", [HEAVY_FEATURES, 512, 512, 10], seed=3)
+
+
+@pytest.fixture(scope="session")
+def string_model(models_dir: Path) -> Path:
+    """String tensors in and out (LabelEncoder strings -> ints -> strings, and an echo)."""
+    return runtime_fixtures.string_model(models_dir / "strings.onnx")
+
+
+@pytest.fixture(scope="session")
+def bert_model(models_dir: Path) -> Path:
+    """A BERT-shaped encoder with a per-token and a pooled output."""
+    return runtime_fixtures.bert_like(models_dir / "bert.onnx")

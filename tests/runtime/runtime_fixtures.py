@@ -155,3 +155,133 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in sample for k, v in labels.items()):
             return float(value)
     raise AssertionError(f"no sample {name} {labels} in:\n{text}")
+
+
+def bert_like(
+    path: Path, *, vocab: int = 1000, hidden: int = 64, ffn: int = 256, max_length: int = 512
+) -> Path:
+    """A BERT-shaped encoder: token and position embeddings, one single-head attention block
+    masked by ``attention_mask`` (1 = token, 0 = padding), a feed-forward block, and two
+    outputs: ``last_hidden_state`` [batch, sequence, hidden] per token and
+    ``pooler_output`` [batch, hidden] (tanh of a dense layer over the first token)."""
+    rng = np.random.default_rng(7)
+
+    def weight(name: str, *shape: int, scale: float | None = None) -> onnx.TensorProto:
+        spread = scale if scale is not None else 1 / np.sqrt(shape[0])
+        return numpy_helper.from_array(rng.normal(0, spread, shape).astype(np.float32), name)
+
+    def constant(name: str, value: Any, dtype: Any = np.float32) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    initializers = [
+        weight("word_embeddings", vocab, hidden, scale=0.5),
+        weight("position_embeddings", max_length, hidden, scale=0.5),
+        *(weight(name, hidden, hidden) for name in ("wq", "wk", "wv", "wo", "wp")),
+        weight("w1", hidden, ffn),
+        weight("w2", ffn, hidden),
+        constant("gamma", np.ones(hidden)),
+        constant("beta", np.zeros(hidden)),
+        constant("scale", 1 / np.sqrt(hidden)),
+        constant("one", 1.0),
+        constant("neg", -10000.0),
+        constant("zero_i", 0, np.int64),
+        constant("one_i", 1, np.int64),
+        constant("axis1", [1], np.int64),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Gather", ["word_embeddings", "input_ids"], ["tokens"]),
+        node("Shape", ["input_ids"], ["ids_shape"]),
+        node("Gather", ["ids_shape", "one_i"], ["length"], axis=0),
+        node("Range", ["zero_i", "length", "one_i"], ["positions"]),
+        node("Gather", ["position_embeddings", "positions"], ["placed"]),
+        node("Add", ["tokens", "placed"], ["embedded"]),
+        node("LayerNormalization", ["embedded", "gamma", "beta"], ["h0"], axis=-1),
+        node("MatMul", ["h0", "wq"], ["q"]),
+        node("MatMul", ["h0", "wk"], ["k"]),
+        node("MatMul", ["h0", "wv"], ["v"]),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kt"], ["raw_scores"]),
+        node("Mul", ["raw_scores", "scale"], ["scores"]),
+        node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        node("Sub", ["one", "mask"], ["masked_out"]),
+        node("Mul", ["masked_out", "neg"], ["mask_bias"]),
+        node("Unsqueeze", ["mask_bias", "axis1"], ["mask_rows"]),
+        node("Add", ["scores", "mask_rows"], ["biased"]),
+        node("Softmax", ["biased"], ["attention"], axis=-1),
+        node("MatMul", ["attention", "v"], ["context"]),
+        node("MatMul", ["context", "wo"], ["attended"]),
+        node("Add", ["attended", "h0"], ["residual1"]),
+        node("LayerNormalization", ["residual1", "gamma", "beta"], ["h1"], axis=-1),
+        node("MatMul", ["h1", "w1"], ["up"]),
+        node("Relu", ["up"], ["activated"]),
+        node("MatMul", ["activated", "w2"], ["down"]),
+        node("Add", ["down", "h1"], ["residual2"]),
+        node("LayerNormalization", ["residual2", "gamma", "beta"], ["last_hidden_state"], axis=-1),
+        node("Gather", ["last_hidden_state", "zero_i"], ["cls"], axis=1),
+        node("MatMul", ["cls", "wp"], ["pooled"]),
+        node("Tanh", ["pooled"], ["pooler_output"]),
+    ]
+    dims = ["batch", "sequence"]
+    graph = helper.make_graph(
+        nodes,
+        "bert_like",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dims),
+        ],
+        [
+            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*dims, hidden]),
+            helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def string_model(path: Path) -> Path:
+    """String tensors in and out: ``tokens`` [batch, 3] (text) -> ``ids`` (a LabelEncoder,
+    strings to ints, -1 for unknown words), ``names`` (ints back to canonical strings,
+    "<unk>" for unknown) and ``echo`` (the input as it came)."""
+    words = ["cat", "dog", "café", "日本", ""]
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["tokens"],
+                ["ids"],
+                domain="ai.onnx.ml",
+                keys_strings=words,
+                values_int64s=list(range(len(words))),
+                default_int64=-1,
+            ),
+            helper.make_node(
+                "LabelEncoder",
+                ["ids"],
+                ["names"],
+                domain="ai.onnx.ml",
+                keys_int64s=list(range(len(words))),
+                values_strings=[w.upper() or "<empty>" for w in words],
+                default_string="<unk>",
+            ),
+            helper.make_node("Identity", ["tokens"], ["echo"]),
+        ],
+        "strings",
+        [helper.make_tensor_value_info("tokens", TensorProto.STRING, ["batch", 3])],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
+            helper.make_tensor_value_info("names", TensorProto.STRING, ["batch", 3]),
+            helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch", 3]),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +71,7 @@ def make_batcher(
     predict: Predict,
     sizes: Sequence[int] | None = None,
     pipelined: bool = True,
+    padding: batching.Padding | None = None,
     **options: float,
 ) -> batching.Batcher:
     values = {"max_batch_size": 8, "max_delay_s": 0.05, "max_queue_size": 64} | options
@@ -81,6 +83,7 @@ def make_batcher(
         max_queue_bytes=int(values["max_queue_bytes"]) if "max_queue_bytes" in values else None,
         stats=metrics.ModelMetrics("test"),
         pipelined=pipelined,
+        padding=padding,
     )
 
 
@@ -323,3 +326,109 @@ def test_the_next_batch_is_merged_off_the_loop_while_the_current_one_runs() -> N
     threads = {kind: name for kind, _, _, name in tracer.events}
     assert threads["prepare"].startswith("merge")
     assert threads["run-start"].startswith("inference")
+
+
+def test_string_tensors_count_their_text_against_the_queue_bytes() -> None:
+    """An object array's own nbytes is its pointers; the queue counts the strings too."""
+    release = threading.Event()
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        release.wait(5)
+        return [np.zeros(len(inputs["text"]), np.int64)]
+
+    async def scenario() -> None:
+        batcher = make_batcher(slow, max_batch_size=1, max_delay_s=0, max_queue_bytes=8192)
+        batcher.start()
+        small = {"text": np.array(["x"], dtype=object)}
+        large = {"text": np.array(["x" * 6000], dtype=object)}
+        running = [asyncio.ensure_future(batcher.submit(small, 1)) for _ in range(2)]
+        await asyncio.sleep(0.1)  # one runs, one waits merged: neither is queued
+        queued = [batcher.enqueue(large, 1)]
+        with pytest.raises(batching.QueueFullError, match="8192 bytes"):
+            batcher.enqueue(large, 1)
+        queued.append(batcher.enqueue(small, 1))
+        release.set()
+        await asyncio.gather(*running, *queued)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_merged_strings_are_padded_with_empty_strings() -> None:
+    one = {"text": np.array(["a"], dtype=object)}
+    two = {"text": np.array(["b", "c"], dtype=object)}
+    assert batching.merge([one, two], 4)["text"].tolist() == ["a", "b", "c", ""]
+
+
+# Sequence inputs padded on axis 1: ids with 0, a float feature with -1; output 0 is per
+# token (axis 1), output 1 pooled.
+PADDING = batching.Padding({"ids": (1, 0), "feature": (1, -1)}, {0: 1})
+
+
+def _sequence(rows: int, length: int, start: int) -> dict[str, np.ndarray]:
+    ids = np.arange(start, start + rows * length, dtype=np.int64).reshape(rows, length) + 1
+    return {"ids": ids, "feature": ids.astype(np.float32) / 2, "flag": np.ones(rows, np.int64)}
+
+
+def test_padded_merge_fills_each_input_out_with_its_pad_value() -> None:
+    merged = batching.merge([_sequence(1, 2, 0), _sequence(2, 3, 10)], 4, PADDING)
+    assert merged["ids"].tolist() == [[1, 2, 0], [11, 12, 13], [14, 15, 16], [0, 0, 0]]
+    assert merged["feature"][0].tolist() == [0.5, 1.0, -1.0]
+    assert merged["flag"].tolist() == [1, 1, 1, 0]
+    bucketed = dataclasses.replace(PADDING, buckets=(4, 8))
+    assert batching.merge([_sequence(1, 2, 0)], 1, bucketed)["ids"].tolist() == [[1, 2, 0, 0]]
+
+
+def test_padded_split_cuts_per_token_outputs_back_to_each_requests_length() -> None:
+    per_token = np.arange(4 * 5 * 2).reshape(4, 5, 2)
+    pooled = np.arange(4 * 3).reshape(4, 3)
+    parts = batching.split([per_token, pooled], [1, 2], [3, 5], PADDING)
+    assert parts[0][0].tolist() == per_token[:1, :3].tolist()
+    assert parts[1][0].tolist() == per_token[1:3, :5].tolist()
+    assert parts[0][1].tolist() == pooled[:1].tolist()
+    assert parts[1][1].tolist() == pooled[1:3].tolist()
+    with pytest.raises(ValueError, match="no axis 1 of length 6 to cut back"):
+        batching.split([per_token, pooled], [1, 2], [3, 6], PADDING)
+
+
+def test_padded_signature_ignores_the_length_or_keeps_only_its_bucket() -> None:
+    short, long = _sequence(1, 2, 0), _sequence(1, 7, 0)
+    assert batching.signature(short, PADDING) == batching.signature(long, PADDING)
+    assert batching.signature(short) != batching.signature(long)
+    bucketed = dataclasses.replace(PADDING, buckets=(4, 8))
+    assert batching.signature(short, bucketed) != batching.signature(long, bucketed)
+    assert batching.signature(_sequence(1, 3, 0), bucketed) == batching.signature(short, bucketed)
+
+
+def test_padded_inputs_must_agree_on_their_length_and_fit_a_bucket() -> None:
+    bad = _sequence(1, 3, 0) | {"feature": np.zeros((1, 4), np.float32)}
+    with pytest.raises(batching.InvalidRequestError, match="one length along their padded"):
+        PADDING.length(bad)
+    bucketed = dataclasses.replace(PADDING, buckets=(4, 8))
+    with pytest.raises(batching.InvalidRequestError, match="longer than the largest padding"):
+        bucketed.length(_sequence(1, 9, 0))
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_requests_of_different_lengths_share_padded_batches(pipelined: bool) -> None:
+    """Each gets its own answer, cut back; the pooled output as it is."""
+    shapes: list[tuple[int, ...]] = []
+
+    def model(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        shapes.append(inputs["ids"].shape)
+        # Per token: ids + 100; pooled: the sum of the real (non-zero) ids of each row.
+        return [inputs["ids"] + 100, inputs["ids"].sum(axis=1)]
+
+    async def scenario() -> None:
+        batcher = make_batcher(model, pipelined=pipelined, padding=PADDING, sizes=[1, 4, 8])
+        batcher.start()
+        requests = [_sequence(1 + i % 2, 1 + i % 5, 10 * i) for i in range(12)]
+        results = await asyncio.gather(*(batcher.submit(r, len(r["ids"])) for r in requests))
+        await batcher.stop()
+        for request, (per_token, pooled) in zip(requests, results, strict=True):
+            assert per_token.tolist() == (request["ids"] + 100).tolist()
+            assert pooled.tolist() == request["ids"].sum(axis=1).tolist()
+
+    asyncio.run(scenario())
+    assert len(shapes) < 12
+    assert {shape[0] for shape in shapes} <= {1, 4, 8}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -285,6 +286,8 @@ def _grpc_requests(draw: st.DrawFn) -> Any:
         field = draw(st.sampled_from(_contents_fields))
         if field in ("fp32_contents", "fp64_contents"):
             values: Any = draw(st.lists(st.floats(width=32), max_size=20))
+        elif field == "bytes_contents":
+            values = draw(st.lists(st.binary(max_size=8), max_size=20))
         elif field == "bool_contents":
             values = draw(st.lists(st.booleans(), max_size=20))
         elif field.startswith("uint"):
@@ -352,3 +355,152 @@ def test_decoding_a_large_body_leaves_the_event_loop_free() -> None:
     worst = asyncio.run(scenario())
     # Well under the probes' 1 s timeout: nothing but scheduling holds the loop.
     assert worst < 0.75, f"the event loop stalled for {worst:.3f} s"
+
+
+# String tensors: a model with one BYTES input, fed JSON lists, length-prefixed binary and
+# gRPC's bytes_contents, well-formed or not.
+STRINGS = dataplane.Decoder(
+    "m",
+    "1",
+    tensors.Signature(
+        inputs=(tensors.TensorSpec("text", "BYTES", (-1, 2)),),
+        outputs=(tensors.TensorSpec("ids", "INT64", (-1, 2)),),
+        sizes=(1, 2, 4),
+    ),
+)
+
+
+def _decodes_strings_or_refuses(decode: Any) -> None:
+    try:
+        request, _ = decode()
+    except dataplane.InvalidInputError:
+        return
+    array = request.inputs["text"]
+    assert array.dtype == object and array.shape == (request.size, 2)
+    assert 1 <= request.size <= 4
+    assert all(isinstance(item, str) for item in array.flat)
+
+
+_elements = st.lists(st.text(max_size=6).map(str.encode), min_size=2, max_size=6) | st.lists(
+    st.text(max_size=6).map(str.encode) | st.binary(max_size=6), max_size=10
+)
+# Often well-formed (shapes [n, 2] and as many elements), so that decoding is reached.
+_string_shapes = (
+    st.sampled_from([[1, 2], [2, 2], [3, 2]])
+    | st.lists(st.integers(-1, 5), max_size=3)
+    | _json_leaf
+)
+_string_data = (
+    st.lists(st.text(max_size=6), min_size=2, max_size=6)
+    | st.lists(st.text(max_size=6) | st.integers() | st.none(), max_size=10)
+    | _json
+)
+
+
+@st.composite
+def _well_formed(draw: st.DrawFn) -> tuple[list[int], list[str], list[bytes]]:
+    rows = draw(st.integers(1, 4))
+    texts = draw(st.lists(st.text(max_size=6), min_size=2 * rows, max_size=2 * rows))
+    return [rows, 2], texts, [text.encode() for text in texts]
+
+
+@FUZZ
+@given(
+    shape=_string_shapes,
+    data=_string_data,
+    elements=_elements,
+    lengths=st.lists(st.integers(-1, 12), max_size=10),
+    good=st.none() | _well_formed(),
+)
+def test_generated_string_requests_decode_or_get_a_4xx(
+    shape: Any,
+    data: Any,
+    elements: list[bytes],
+    lengths: list[int],
+    good: tuple[list[int], list[str], list[bytes]] | None,
+) -> None:
+    if good is not None:
+        shape, data, elements = good
+    as_json = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": data}]}
+    header = json.dumps(as_json).encode()
+    _decodes_strings_or_refuses(lambda: rest.parse_infer(STRINGS, "m", None, header, None))
+    wire = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+    garbled = b"".join(
+        (n if n >= 0 else len(e)).to_bytes(4, "little") + e
+        for e, n in zip(elements, lengths + [-1] * len(elements), strict=False)
+    )
+    for binary in (wire, garbled):
+        document = {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": shape,
+                    "parameters": {"binary_data_size": len(binary)},
+                }
+            ]
+        }
+        header = json.dumps(document).encode()
+        body, length = header + binary, str(len(header))
+        _decodes_strings_or_refuses(
+            lambda body=body, length=length: rest.parse_infer(STRINGS, "m", None, body, length)
+        )
+        request = pb.ModelInferRequest(model_name="m")
+        tensor = request.inputs.add(name="text", datatype="BYTES")
+        if isinstance(shape, list):
+            tensor.shape.extend(shape)
+        request.raw_input_contents.append(binary)
+        _decodes_strings_or_refuses(lambda request=request: grpc_adapter.decode(STRINGS, request))
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="text", datatype="BYTES")
+    if isinstance(shape, list):
+        tensor.shape.extend(shape)
+    tensor.contents.bytes_contents.extend(elements)
+    _decodes_strings_or_refuses(lambda: grpc_adapter.decode(STRINGS, request))
+
+
+@FUZZ
+@given(texts=st.lists(st.text(max_size=20), max_size=30))
+def test_strings_survive_their_serialised_form(texts: list[str]) -> None:
+    array = np.array(texts, dtype=object)
+    serialised = tensors.serialize_bytes(array)
+    assert tensors.deserialize_bytes(serialised, len(texts)).tolist() == texts
+    assert tensors.nbytes(array) >= len(serialised) - 4 * len(texts)
+
+
+@FUZZ
+@given(data=st.binary(max_size=64), count=st.integers(0, 2**40))
+def test_arbitrary_bytes_deserialise_or_raise_value_error(data: bytes, count: int) -> None:
+    try:
+        items = tensors.deserialize_bytes(data, count)
+    except ValueError:
+        return
+    assert len(items) == count and all(isinstance(item, str) for item in items)
+
+
+def test_bad_strings_are_refused_naming_the_problem() -> None:
+    def decode(data: Any, shape: list[int]) -> Any:
+        tensor = dataplane.WireTensor("text", "BYTES", shape, data)
+        return STRINGS.decode("m", None, [tensor])
+
+    assert decode(["a", "é"], [1, 2]).inputs["text"].tolist() == [["a", "é"]]
+    assert decode([["a", "b"], ["c", ""]], [2, 2]).inputs["text"].tolist() == [
+        ["a", "b"],
+        ["c", ""],
+    ]
+    cases = [
+        (["a", 1], [1, 2], "data is not a list of strings"),
+        ([["a"], ["b", "c"]], [1, 2], "data is not a list of strings"),
+        (["a"], [1, 2], "1 values of data, but shape [1, 2] needs 2"),
+        ("ab", [1, 2], "data must be a list of strings"),
+        (b"\x01\x00\x00\x00a", [1, 2], "5 bytes cannot hold 2 length-prefixed elements"),
+        (b"\x00" * 8 + b"z", [1, 2], "1 bytes follow the 2 length-prefixed elements"),
+        (b"\x00" * 4 + b"\x01\x00\x00\x00\xc3", [1, 2], "element 1 is not UTF-8"),
+        (b"\x00" * 4 + b"\xff\xff\xff\xff", [1, 2], "element 1 is 4294967295 bytes long"),
+    ]
+    for data, shape, message in cases:
+        with pytest.raises(dataplane.InvalidInputError, match=re.escape(message)):
+            decode(data, shape)
+    # Counted before anything is allocated: a shape cannot ask for more than the data holds.
+    with pytest.raises(ValueError, match="12 bytes cannot hold 1099511627776"):
+        tensors.deserialize_bytes(b"\0" * 12, 2**40)
