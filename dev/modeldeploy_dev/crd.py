@@ -32,6 +32,8 @@ _KEPT_KEYWORDS = (
     "maxLength",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "pattern",
 )
 

@@ -187,6 +187,8 @@ def serve_settings(
     }
     if runtime.batch_sizes:
         settings[flags.BATCH_SIZES] = ",".join(str(s) for s in sorted(set(runtime.batch_sizes)))
+    if runtime.padding:
+        settings[flags.PADDING] = runtime.padding.model_dump_json(exclude_none=True)
     if spec.accelerator:
         settings[flags.CUDNN_CONV_ALGO_SEARCH] = runtime.cudnn_conv_algo_search
     if spec.model.version:

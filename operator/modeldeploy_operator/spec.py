@@ -160,6 +160,43 @@ class ModelSource(_Model):
     _sha256 = field_validator("sha256")(_check_sha256)
 
 
+class PaddedInput(_Model):
+    """One variable-length input: the axis it varies along and what pads it."""
+
+    axis: int = Field(ge=1, le=16, description="The variable axis; 0 is the batch.")
+    value: float = Field(
+        default=0,
+        allow_inf_nan=False,
+        description="The pad value: 0 for input ids and attention masks.",
+    )
+
+
+class Padding(_Model):
+    """Opt-in variable-length batching: requests whose variable-length inputs differ in
+    length share a batch, each padded to the batch's longest (or to its bucket); outputs
+    having that axis are cut back to each request's own length. The model must ignore the
+    padding (an attention mask)."""
+
+    inputs: dict[str, PaddedInput] = Field(
+        min_length=1,
+        max_length=64,
+        description="Padded inputs by name; a request's padded inputs have one length.",
+    )
+    outputs: dict[str, Annotated[int, Field(ge=1, le=16)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Outputs to cut back, by name, with their axis of that length. Default: "
+        "every output whose axis the model names like a padded input's (`sequence`).",
+    )
+    buckets: list[Annotated[int, Field(ge=1, le=1_048_576)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Lengths to pad up to; requests of one bucket share batches, and a "
+        "longer request is refused. Default: the longest request of each batch.",
+    )
+
+
 class RuntimeSettings(_Model):
     """How the runtime serves the model."""
 
@@ -229,6 +266,11 @@ class RuntimeSettings(_Model):
         ge=0,
         le=1024,
         description="Inference threads; 0 derives them from the CPU limit.",
+    )
+    padding: Padding | None = Field(
+        default=None,
+        description="Variable-length batching (opt-in): requests of different lengths share "
+        "padded batches.",
     )
 
     @model_validator(mode="after")

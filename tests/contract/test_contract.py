@@ -45,6 +45,11 @@ SPECS: dict[str, dict[str, Any]] = {
             "workers": 3,
             "maxQueueBytes": 2**21,
             "cudnnConvAlgoSearch": "HEURISTIC",
+            "padding": {
+                "inputs": {"input_ids": {"axis": 1}, "attention_mask": {"axis": 1, "value": 0}},
+                "outputs": {"last_hidden_state": 1},
+                "buckets": [128, 32, 64],
+            },
         },
         "accelerator": {"count": 1},
     },
@@ -97,6 +102,16 @@ def test_the_runtime_parses_the_pods_serving_container_into_the_specs_settings(
     )
     if spec.accelerator:
         assert settings.cudnn_conv_algo_search.value == spec.runtime.cudnn_conv_algo_search
+    padding = spec.runtime.padding
+    if padding is None:
+        assert settings.padding is None
+    else:
+        assert settings.padding is not None
+        assert {n: (p.axis, p.value) for n, p in settings.padding.inputs.items()} == {
+            n: (p.axis, p.value) for n, p in padding.inputs.items()
+        }
+        assert settings.padding.outputs == (padding.outputs or {})
+        assert settings.padding.buckets == tuple(sorted(padding.buckets or ()))
     grace = builders.deployment(OWNER, spec, "runtime:1")["spec"]["template"]["spec"][
         "terminationGracePeriodSeconds"
     ]

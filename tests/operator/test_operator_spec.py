@@ -57,6 +57,20 @@ def test_camel_case_names_round_trip() -> None:
         ({"runtime": {"maxBatchSize": 8, "batchSizes": [1, 16]}}, "largest of batchSizes"),
         ({"runtime": {"batchSizes": [0, 32]}}, "greater than or equal to 1"),
         ({"runtime": {"workers": -1}}, "workers"),
+        ({"runtime": {"padding": {"inputs": {}}}}, r"padding\.inputs\n.*at least 1 item"),
+        (
+            {"runtime": {"padding": {"inputs": {"ids": {"axis": 0}}}}},
+            r"padding\.inputs\.ids\.axis\n.*greater than or equal to 1",
+        ),
+        (
+            {"runtime": {"padding": {"inputs": {"ids": {"axis": 1, "value": "nan"}}}}},
+            r"padding\.inputs\.ids\.value\n.*finite number",
+        ),
+        (
+            {"runtime": {"padding": {"inputs": {"ids": {"axis": 1}}, "buckets": [0]}}},
+            r"padding\.buckets\.0\n.*greater than or equal to 1",
+        ),
+        ({"runtime": {"padding": {"ids": {"axis": 1}}}}, r"padding\.ids\n.*Extra inputs"),
         (
             {
                 "ingress": {"host": "h"},
@@ -82,6 +96,14 @@ def test_invalid_specs_are_rejected_with_the_field(fields: dict[str, Any], needl
 )
 def test_every_supported_scheme_is_accepted(uri: str) -> None:
     assert _spec(model={"uri": uri, "sha256": SHA.upper()}).model.uri == uri
+
+
+def test_padding_is_accepted_with_its_defaults() -> None:
+    spec = _spec(runtime={"padding": {"inputs": {"input_ids": {"axis": 1}}}})
+    assert spec.runtime.padding is not None
+    assert spec.runtime.padding.inputs["input_ids"].value == 0
+    assert spec.runtime.padding.outputs is None and spec.runtime.padding.buckets is None
+    assert _spec().runtime.padding is None
 
 
 def test_fp16_on_a_gpu_and_batch_sizes_ending_at_the_max_are_accepted() -> None:
