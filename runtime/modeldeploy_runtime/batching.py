@@ -55,8 +55,8 @@ class Padding:
 
     # Input name -> (axis, pad value); every padded input of a request has one length.
     inputs: Mapping[str, tuple[int, float]]
-    # Output index -> its axis of that length, cut back to each request's own.
-    outputs: Mapping[int, int]
+    # Output index -> its axes of that length, cut back to each request's own.
+    outputs: Mapping[int, tuple[int, ...]]
     # Sorted lengths to pad up to; none: the batch's longest.
     buckets: tuple[int, ...] = ()
 
@@ -71,7 +71,7 @@ class Padding:
         """Checked against the model; raises ``ValueError`` naming what does not fit.
 
         Outputs not given are cut back along every axis the model names like a padded
-        input's padded axis ("sequence").
+        input's padded axis ("sequence"): both of an attention map's, for one.
         """
         if not served.batchable:
             raise ValueError("padding needs a model whose inputs and outputs batch on axis 0")
@@ -92,7 +92,7 @@ class Padding:
             if axis < len(spec.dim_names):
                 axis_names.add(spec.dim_names[axis])
         axis_names.discard("")
-        cut: dict[int, int] = {}
+        cut: dict[int, tuple[int, ...]] = {}
         for index, spec in enumerate(served.outputs):
             if spec.name in outputs:
                 axis = outputs[spec.name]
@@ -101,11 +101,11 @@ class Padding:
                         f"padding output {spec.name!r} on axis {axis}: the model's shape "
                         f"{list(spec.shape)} has no variable axis there (-1 is variable)"
                     )
-                cut[index] = axis
+                cut[index] = (axis,)
                 continue
-            named = [i for i, dim in enumerate(spec.dim_names) if i and dim in axis_names]
+            named = tuple(i for i, dim in enumerate(spec.dim_names) if i and dim in axis_names)
             if named:
-                cut[index] = named[0]
+                cut[index] = named
         unknown = sorted(outputs.keys() - {spec.name for spec in served.outputs})
         if unknown:
             raise ValueError(f"padding names output(s) {unknown}, which the model does not have")
@@ -239,15 +239,20 @@ def split(
         parts = [list(request) for request in zip(*per_output, strict=True)]
     if padding is None:
         return parts
-    for index, axis in padding.outputs.items():
-        longest = max(lengths)
-        if outputs[index].ndim <= axis or outputs[index].shape[axis] < longest:
-            raise ValueError(
-                f"model returned an output of shape {list(outputs[index].shape)}, with no "
-                f"axis {axis} of length {longest} to cut back"
-            )
+    longest = max(lengths)
+    for index, axes in padding.outputs.items():
+        shape = outputs[index].shape
+        for axis in axes:
+            if len(shape) <= axis or shape[axis] < longest:
+                raise ValueError(
+                    f"model returned an output of shape {list(shape)}, with no axis {axis} of "
+                    f"length {longest} to cut back"
+                )
         for request, length in zip(parts, lengths, strict=True):
-            request[index] = request[index][(slice(None),) * axis + (slice(0, length),)]
+            cut = [slice(None)] * len(shape)
+            for axis in axes:
+                cut[axis] = slice(0, length)
+            request[index] = request[index][tuple(cut)]
     return parts
 
 

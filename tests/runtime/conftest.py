@@ -40,5 +40,5 @@ def string_model(models_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def bert_model(models_dir: Path) -> Path:
-    """A BERT-shaped encoder with a per-token and a pooled output."""
-    return runtime_fixtures.bert_like(models_dir / "bert.onnx")
+    """A BERT-shaped encoder with a per-token, a pooled and an attention-map output."""
+    return runtime_fixtures.bert_like(models_dir / "bert.onnx", attention_output=True)

@@ -158,12 +158,19 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def bert_like(
-    path: Path, *, vocab: int = 1000, hidden: int = 64, ffn: int = 256, max_length: int = 512
+    path: Path,
+    *,
+    vocab: int = 1000,
+    hidden: int = 64,
+    ffn: int = 256,
+    max_length: int = 512,
+    attention_output: bool = False,
 ) -> Path:
     """A BERT-shaped encoder: token and position embeddings, one single-head attention block
     masked by ``attention_mask`` (1 = token, 0 = padding), a feed-forward block, and two
     outputs: ``last_hidden_state`` [batch, sequence, hidden] per token and
-    ``pooler_output`` [batch, hidden] (tanh of a dense layer over the first token)."""
+    ``pooler_output`` [batch, hidden] (tanh of a dense layer over the first token); with
+    ``attention_output`` a third, ``attention`` [batch, sequence, sequence]."""
     rng = np.random.default_rng(7)
 
     def weight(name: str, *shape: int, scale: float | None = None) -> onnx.TensorProto:
@@ -233,6 +240,11 @@ def bert_like(
         [
             helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*dims, hidden]),
             helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch", hidden]),
+            *(
+                [helper.make_tensor_value_info("attention", TensorProto.FLOAT, [*dims, dims[1]])]
+                if attention_output
+                else []
+            ),
         ],
         initializers,
     )

@@ -362,7 +362,7 @@ def test_merged_strings_are_padded_with_empty_strings() -> None:
 
 # Sequence inputs padded on axis 1: ids with 0, a float feature with -1; output 0 is per
 # token (axis 1), output 1 pooled.
-PADDING = batching.Padding({"ids": (1, 0), "feature": (1, -1)}, {0: 1})
+PADDING = batching.Padding({"ids": (1, 0), "feature": (1, -1)}, {0: (1,)})
 
 
 def _sequence(rows: int, length: int, start: int) -> dict[str, np.ndarray]:
@@ -389,6 +389,12 @@ def test_padded_split_cuts_per_token_outputs_back_to_each_requests_length() -> N
     assert parts[1][1].tolist() == pooled[1:3].tolist()
     with pytest.raises(ValueError, match="no axis 1 of length 6 to cut back"):
         batching.split([per_token, pooled], [1, 2], [3, 6], PADDING)
+    # An attention map has the length on two axes: both are cut.
+    attention = np.arange(3 * 5 * 5).reshape(3, 5, 5)
+    both = dataclasses.replace(PADDING, outputs={0: (1, 2)})
+    parts = batching.split([attention], [1, 2], [2, 5], both)
+    assert parts[0][0].tolist() == attention[:1, :2, :2].tolist()
+    assert parts[1][0].tolist() == attention[1:3].tolist()
 
 
 def test_padded_signature_ignores_the_length_or_keeps_only_its_bucket() -> None:

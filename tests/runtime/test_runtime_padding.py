@@ -1,6 +1,6 @@
 """Variable-length batching on a BERT-shaped model (embeddings, one masked attention block,
-a per-token and a pooled output): requests of different lengths share padded batches, and
-every answer equals the model's own unpadded run of that request alone."""
+a per-token, a pooled and an attention-map output): requests of different lengths share
+padded batches, and every answer equals the model's own unpadded run of that request alone."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from modeldeploy_runtime import batching, cli, model, settings
 
 PADDING = {"inputs": {"input_ids": {"axis": 1}, "attention_mask": {"axis": 1, "value": 0}}}
-OUTPUTS = ("last_hidden_state", "pooler_output")
+OUTPUTS = ("last_hidden_state", "pooler_output", "attention")
 
 
 def _requests(count: int, longest: int) -> list[dict[str, np.ndarray]]:
@@ -88,11 +88,14 @@ def test_padded_batches_answer_like_unpadded_single_runs(
         with futures.ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda ir: clients[ir[0] % 2](ir[1]), enumerate(requests)))
         _, text = get(f"http://127.0.0.1:{runtime.http_port}/metrics")
-    for request, (per_token, pooled) in zip(requests, answers, strict=True):
-        own_per_token, own_pooled = _alone(bert_model, request)
-        assert per_token.shape == own_per_token.shape == (*request["input_ids"].shape, 64)
+    for request, (per_token, pooled, attention) in zip(requests, answers, strict=True):
+        own_per_token, own_pooled, own_attention = _alone(bert_model, request)
+        rows, length = request["input_ids"].shape
+        assert per_token.shape == own_per_token.shape == (rows, length, 64)
+        assert attention.shape == own_attention.shape == (rows, length, length)
         np.testing.assert_allclose(per_token, own_per_token, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(pooled, own_pooled, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(attention, own_attention, rtol=1e-4, atol=1e-6)
     # Requests of different lengths shared batches.
     assert metric_value(text.decode(), "modeldeploy_batch_size_count") < len(requests) / 2
 
@@ -122,10 +125,11 @@ def test_outputs_named_like_the_padded_axis_are_cut_back(bert_model: Path) -> No
     served = _signature(bert_model)
     inputs = {"input_ids": (1, 0.0), "attention_mask": (1, 0.0)}
     padding = batching.Padding.for_model(served, inputs, {})
-    # last_hidden_state [batch, sequence, 64] is cut on axis 1; pooler_output is left alone.
-    assert padding.outputs == {0: 1}
+    # last_hidden_state [batch, sequence, 64] is cut on axis 1, attention [batch, sequence,
+    # sequence] on both; pooler_output is left alone.
+    assert padding.outputs == {0: (1,), 2: (1, 2)}
     explicit = batching.Padding.for_model(served, inputs, {"last_hidden_state": 1}, [64, 16])
-    assert explicit.outputs == {0: 1} and explicit.buckets == (16, 64)
+    assert explicit.outputs == {0: (1,), 2: (1, 2)} and explicit.buckets == (16, 64)
 
 
 @pytest.mark.parametrize(
