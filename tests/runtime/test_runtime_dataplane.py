@@ -504,3 +504,19 @@ def test_bad_strings_are_refused_naming_the_problem() -> None:
     # Counted before anything is allocated: a shape cannot ask for more than the data holds.
     with pytest.raises(ValueError, match="12 bytes cannot hold 1099511627776"):
         tensors.deserialize_bytes(b"\0" * 12, 2**40)
+
+
+def test_bodies_carrying_strings_count_whole_toward_offloading() -> None:
+    """Binary numbers decode for free, binary strings cost an object per element: a large
+    body of strings goes to the decoder process like a large JSON body."""
+    binary = b"\0" * (2 << 20)
+    for datatype, costly in (("FP32", 48), ("BYTES", 48 + len(binary))):
+        header = b'{"inputs":[{"name":"x","datatype":"' + datatype.encode() + b'"}]}'
+        header = header.ljust(48)
+        assert rest._costly_bytes(header + binary, str(len(header))) == costly
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32")
+    request.raw_input_contents.append(binary)
+    assert grpc_adapter._costly_bytes(request) < dataplane.OFFLOAD_BYTES
+    request.inputs[0].datatype = "BYTES"
+    assert grpc_adapter._costly_bytes(request) > dataplane.OFFLOAD_BYTES
