@@ -4,7 +4,9 @@ padded batches, and every answer equals the model's own unpadded run of that req
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -16,7 +18,14 @@ import pydantic
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from runtime_fixtures import get, metric_value, running_server
+from runtime_fixtures import (
+    free_port,
+    get,
+    metric_value,
+    running_server,
+    start_process,
+    wait_ready,
+)
 from tritonclient.utils import InferenceServerException
 
 from modeldeploy_runtime import batching, cli, model, settings
@@ -168,3 +177,43 @@ def test_padding_is_read_from_its_flag_and_environment(
     ]:
         with pytest.raises(pydantic.ValidationError, match=message):
             cli.parse(["serve", "--model-path=m.onnx", "--model-name=m", f"--padding={bad}"])
+
+
+def test_the_console_script_pads_behind_front_end_workers(bert_model: Path, tmp_path: Path) -> None:
+    """The flag as the pod gets it; requests cross the workers' shared memory, and a refusal
+    from the batcher comes back through them as a 400."""
+    http_port, grpc_port = free_port(), free_port()
+    padding = json.dumps(PADDING | {"buckets": [24, 48]})
+    process = start_process(
+        [
+            "serve",
+            f"--model-path={bert_model}",
+            "--model-name=bert",
+            "--workers=2",
+            "--max-batch-size=8",
+            "--batch-sizes=1,4,8",
+            "--max-batch-delay-ms=20",
+            f"--padding={padding}",
+            f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}",
+        ],
+        env={"MODELDEPLOY_CACHE_DIR": str(tmp_path)},
+    )
+    try:
+        wait_ready(process, http_port)
+        requests = _requests(16, longest=48)
+        clients = [_http(http_port), _grpc(grpc_port)]
+        with futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda ir: clients[ir[0] % 2](ir[1]), enumerate(requests)))
+        for request, answer in zip(requests, answers, strict=True):
+            for got, own in zip(answer, _alone(bert_model, request), strict=True):
+                assert got.shape == own.shape
+                np.testing.assert_allclose(got, own, rtol=1e-4, atol=1e-5)
+        long = {name: np.ones((1, 49), np.int64) for name in ("input_ids", "attention_mask")}
+        with pytest.raises(InferenceServerException, match="longer than the largest padding"):
+            _http(http_port)(long)
+        _, text = get(f"http://127.0.0.1:{http_port}/metrics")
+        assert metric_value(text.decode(), "modeldeploy_batch_size_count") < len(requests)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
