@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import struct
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -23,9 +24,6 @@ Array = npt.NDArray[np.generic]
 
 BYTES = "BYTES"
 OBJECT = np.dtype(np.object_)
-# What a BYTES element costs in memory beside its own bytes (the Python object and the
-# array's pointer to it): counted against the queue's byte bound with the data itself.
-ELEMENT_OVERHEAD = 64
 _LENGTH = struct.Struct("<I")
 
 # Open Inference Protocol datatype <-> numpy; BF16 has no numpy twin we serve.
@@ -78,11 +76,12 @@ class Signature:
 
 
 def nbytes(array: Array) -> int:
-    """The memory a tensor holds, its BYTES elements' data included."""
+    """The memory a tensor holds: for BYTES its pointers and every element's string object
+    (a Python str takes 1-4 bytes a character plus about 50), what the queue bound counts."""
     if array.dtype != OBJECT:
         return array.nbytes
     items: list[str] = array.ravel().tolist()
-    return sum(map(len, items)) + array.size * ELEMENT_OVERHEAD
+    return array.nbytes + sum(map(sys.getsizeof, items))
 
 
 def filled(shape: tuple[int, ...], dtype: np.dtype[np.generic], value: object = 0) -> Array:
