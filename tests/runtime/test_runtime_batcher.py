@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modeldeploy_runtime import batching, metrics
 
@@ -438,3 +440,35 @@ def test_requests_of_different_lengths_share_padded_batches(pipelined: bool) -> 
     asyncio.run(scenario())
     assert len(shapes) < 12
     assert {shape[0] for shape in shapes} <= {1, 4, 8}
+
+
+@settings(max_examples=200, derandomize=True, deadline=2000)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 9)), min_size=1, max_size=6),
+    buckets=st.sampled_from([(), (4, 9), (9,)]),
+    extra_rows=st.integers(0, 3),
+)
+def test_padded_merge_then_split_gives_every_request_back_its_own(
+    shapes: list[tuple[int, int]], buckets: tuple[int, ...], extra_rows: int
+) -> None:
+    """Whatever the lengths: the padded batch holds each request where split will look, pad
+    values everywhere else, and split cuts every request's own rows and length back out."""
+    padding = dataclasses.replace(PADDING, buckets=buckets)
+    requests = [_sequence(rows, length, 100 * i) for i, (rows, length) in enumerate(shapes)]
+    rows = sum(r for r, _ in shapes)
+    merged = batching.merge(requests, rows + extra_rows, padding)
+    longest = padding.target(max(length for _, length in shapes))
+    assert merged["ids"].shape == (rows + extra_rows, longest)
+    # Every id is positive: what is not a request's is padding.
+    assert (merged["ids"] > 0).sum() == sum(r * length for r, length in shapes)
+    assert (merged["feature"][merged["ids"] == 0] == -1).all()
+    parts = batching.split(
+        [merged["ids"], merged["feature"], merged["flag"]],
+        [r for r, _ in shapes],
+        [length for _, length in shapes],
+        dataclasses.replace(padding, outputs={0: (1,), 1: (1,)}),
+    )
+    for request, (ids, feature, flag) in zip(requests, parts, strict=True):
+        assert ids.tolist() == request["ids"].tolist()
+        assert feature.tolist() == request["feature"].tolist()
+        assert flag.tolist() == request["flag"].tolist()
