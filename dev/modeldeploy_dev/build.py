@@ -254,7 +254,10 @@ def build_registry() -> Path:
         [
             (
                 f"registry {REGISTRY_VERSION}",
-                ["install", f"github.com/distribution/distribution/v3/cmd/registry@{REGISTRY_VERSION}"],
+                [
+                    "install",
+                    f"github.com/distribution/distribution/v3/cmd/registry@{REGISTRY_VERSION}",
+                ],
                 None,
             )
         ],
@@ -292,7 +295,11 @@ def build_node() -> NodeBinaries:
     _build_into(
         wanted.containerd.parent,
         [
-            (f"{name} {CONTAINERD_VERSION}", ["install", f"{containerd}/{name}@{CONTAINERD_VERSION}"], None)
+            (
+                f"{name} {CONTAINERD_VERSION}",
+                ["install", f"{containerd}/{name}@{CONTAINERD_VERSION}"],
+                None,
+            )
             for name in ("containerd", "ctr", "containerd-shim-runc-v2")
         ],
     )

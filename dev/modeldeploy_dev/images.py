@@ -35,7 +35,8 @@ from modeldeploy_dev.build import cache_dir
 
 TARGETS = ("operator", "runtime")
 PYTHON_SUITE = "bookworm"  # its python3 is Python 3.11
-PYTHON_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
+# libstdc++6: the one system library manylinux wheels (numpy, onnxruntime, grpcio) expect.
+PYTHON_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates", "libstdc++6")
 _MIRRORS = (
     f"deb http://deb.debian.org/debian {PYTHON_SUITE} main",
     f"deb http://deb.debian.org/debian {PYTHON_SUITE}-updates main",
@@ -108,7 +109,8 @@ def _exists(reference: str) -> bool:
 def python_image() -> str:
     """The Debian-made Python base image's reference, tagged by its recipe."""
     recipe = json.dumps([_MIRRORS, _MMDEBSTRAP, _PYTHON_CONFIG]).encode()
-    return f"localhost/modeldeploy-python:3.11-{PYTHON_SUITE}-{hashlib.sha256(recipe).hexdigest()[:12]}"
+    key = hashlib.sha256(recipe).hexdigest()[:12]
+    return f"localhost/modeldeploy-python:3.11-{PYTHON_SUITE}-{key}"
 
 
 def build_python_image() -> str:
@@ -168,7 +170,9 @@ def context_files(root: Path) -> list[Path]:
         candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for candidate in candidates:
             relative = candidate.relative_to(root)
-            if not any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in excluded):
+            if not any(
+                fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in excluded
+            ):
                 files.append(relative)
     return sorted(files)
 
@@ -218,9 +222,9 @@ def describe(target: str, reference: str) -> Image:
 
 def image_config(reference: str) -> dict[str, object]:
     """The image's OCI configuration (`User`, `Env`, `Entrypoint`, `Cmd`, ...)."""
-    config: dict[str, object] = json.loads(
-        buildah("inspect", "--type", "image", reference).stdout
-    )["OCIv1"]["config"]
+    config: dict[str, object] = json.loads(buildah("inspect", "--type", "image", reference).stdout)[
+        "OCIv1"
+    ]["config"]
     return config
 
 
@@ -235,7 +239,9 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, Image]:
         if not _exists(reference):
             started = time.monotonic()
             _log(f"building {reference} ...")
-            volumes = [f"--volume={_CA_BUNDLE}:{_CA_BUNDLE}:ro"] if Path(_CA_BUNDLE).is_file() else []
+            volumes = (
+                [f"--volume={_CA_BUNDLE}:{_CA_BUNDLE}:ro"] if Path(_CA_BUNDLE).is_file() else []
+            )
             result = subprocess.run(
                 [
                     "buildah",

@@ -7,6 +7,7 @@ so a tag already there is not pushed again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def _config() -> str:
     return (
         "version: 0.1\n"
         "log: {level: warn}\n"
-        f"storage: {{filesystem: {{rootdirectory: {_root() / 'data'}}}, delete: {{enabled: true}}}}\n"
+        f"storage: {{filesystem: {{rootdirectory: '{_root() / 'data'}'}}}}\n"
         f"http: {{addr: '{ADDRESS}'}}\n"
     )
 
@@ -92,10 +93,8 @@ def down() -> None:
         pid = int(_pid_file().read_text())
     except (FileNotFoundError, ValueError):
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     _pid_file().unlink(missing_ok=True)
 
 
