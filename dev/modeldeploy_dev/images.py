@@ -267,7 +267,18 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, Image]:
                 raise RuntimeError(f"building the {target} image failed:\n{output}")
             _log(f"built {reference} in {time.monotonic() - started:.0f}s")
         images[target] = describe(target, reference)
+    _remove_all_but(base, *(image.reference for image in images.values()))
     return images
+
+
+def _remove_all_but(*current: str) -> None:
+    """Removes the images that earlier trees built (and earlier base recipes made): another tag
+    of a repository in `current`."""
+    repositories = {reference.rpartition(":")[0] for reference in current}
+    listed = buildah("images", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
+    stale = [r for r in listed if r.rpartition(":")[0] in repositories and r not in current]
+    if stale:
+        buildah("rmi", *stale, check=False)
 
 
 class Rootfs:
