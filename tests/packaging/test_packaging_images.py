@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import pytest
 
 from containers import Mount, Runc, process_of
+from modeldeploy_dev import build, registry
 from modeldeploy_dev import images as localimages
-from modeldeploy_dev import registry
 from modeldeploy_operator import builders
 from modeldeploy_operator import spec as api
 
@@ -242,3 +243,80 @@ def test_the_registry_serves_the_images_by_tag_and_by_digest(
     finally:
         subprocess.run([*buildah, "rmi", "--all", "--force"], capture_output=True, check=False)
         shutil.rmtree(tmp_path / "root", ignore_errors=True)
+
+
+_CONTAINERD_CONFIG = """
+version = 3
+root = "{work}/root"
+state = "{work}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
+                    "io.containerd.cri.v1.images"]
+[grpc]
+  address = "{work}/containerd.sock"
+[ttrpc]
+  address = "{work}/containerd.sock.ttrpc"
+"""
+
+
+@pytest.fixture
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """The node's containerd (v2, from its Go module, with runc), on a socket of its own;
+    yields the `ctr` command line that talks to it."""
+    node = build.build_node()
+    work = tmp_path_factory.mktemp("containerd")
+    (work / "config.toml").write_text(_CONTAINERD_CONFIG.format(work=work))
+    env = os.environ | {"PATH": f"{node.containerd.parent}:{os.environ['PATH']}"}
+    with (work / "containerd.log").open("wb") as log:
+        daemon = subprocess.Popen(
+            [str(node.containerd), "--config", str(work / "config.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    ctr = [str(node.ctr), "--address", str(work / "containerd.sock"), "--namespace", "test"]
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([*ctr, "version"], capture_output=True).returncode != 0:
+            assert daemon.poll() is None and time.monotonic() < deadline, (
+                work / "containerd.log"
+            ).read_text()[-3000:]
+            time.sleep(0.2)
+        yield ctr
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_containerd_pulls_the_images_by_tag_and_digest_and_runs_them_read_only(
+    images: dict[str, localimages.Image], pushed_images: dict[str, str], containerd: list[str]
+) -> None:
+    """What a node does with the images: pull them from the registry (plain HTTP on loopback),
+    by the tag the chart names or by the digest that pins it, and run them read-only as the
+    image's user."""
+    operator = images["operator"]
+    by_tag = f"{registry.ADDRESS}/{operator.name}:{operator.tag}"
+    by_digest = pushed_images["operator"]
+    for reference in (by_tag, by_digest):
+        pulled = subprocess.run(
+            [*containerd, "images", "pull", "--plain-http", reference],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
+    listed = subprocess.run(
+        [*containerd, "images", "ls"], capture_output=True, text=True, check=True
+    ).stdout
+    digest = by_digest.partition("@")[2]
+    assert {line.split()[2] for line in listed.splitlines()[1:]} == {digest}, listed
+    script = "import os; print(os.getuid(), os.getgid()); open('/written', 'w')"
+    ran = subprocess.run(
+        [*containerd, "run", "--rm", "--read-only", by_digest, "probe", "python", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.stdout.split() == ["65532", "65532"], ran.stdout + ran.stderr[-2000:]
+    assert "Read-only file system" in ran.stderr, ran.stderr[-2000:]
