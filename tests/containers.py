@@ -10,7 +10,7 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ def spec(
     base: dict[str, Any], rootfs: Path, process: Process, mounts: list[Mount]
 ) -> dict[str, Any]:
     """runc's default configuration (`runc spec`) made into a restricted container's."""
-    config = json.loads(json.dumps(base))
+    config: dict[str, Any] = json.loads(json.dumps(base))
     config["root"] = {"path": str(rootfs), "readonly": True}
     config["process"] |= {
         "terminal": False,
@@ -95,7 +95,7 @@ class Runc:
         return name, bundle
 
     def run(
-        self, rootfs: Path, process: Process, mounts: list[Mount] = (), timeout: float = 120
+        self, rootfs: Path, process: Process, mounts: Sequence[Mount] = (), timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """Runs the container to its end; returns its exit status and output."""
         name, bundle = self._bundle(rootfs, process, list(mounts))
@@ -112,7 +112,7 @@ class Runc:
 
     @contextmanager
     def started(
-        self, rootfs: Path, process: Process, mounts: list[Mount] = ()
+        self, rootfs: Path, process: Process, mounts: Sequence[Mount] = ()
     ) -> Iterator[Running]:
         """A long-running container (a server), killed and deleted on exit."""
         name, bundle = self._bundle(rootfs, process, list(mounts))

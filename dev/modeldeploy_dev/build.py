@@ -138,6 +138,8 @@ def _go(
 def _build_into(final: Path, build: list[tuple[str, list[str], Path | None]]) -> None:
     if final.is_dir():
         return
+    if shutil.which("go") is None:
+        raise RuntimeError(f"the Go toolchain is needed to build {final.name}: no `go`")
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,17 +283,12 @@ def _remove_all_but(*current: str) -> None:
         buildah("rmi", *stale, check=False)
 
 
-class Rootfs:
-    """An image's root filesystem mounted read-write by buildah (a container of it), for runc
-    to run read-only; `with Rootfs(reference) as path:`."""
-
-    def __init__(self, reference: str) -> None:
-        self.reference = reference
-        self.container = ""
-
-    def __enter__(self) -> Path:
-        self.container = buildah("from", "--pull-never", "--quiet", self.reference).stdout.strip()
-        return Path(buildah("mount", self.container).stdout.strip())
-
-    def __exit__(self, *exc: object) -> None:
-        buildah("rm", self.container, check=False)
+@contextmanager
+def rootfs(reference: str) -> Iterator[Path]:
+    """The image's root filesystem, mounted (as a buildah container of it) while the context
+    lasts; runc runs it read-only."""
+    container = buildah("from", "--pull-never", "--quiet", reference).stdout.strip()
+    try:
+        yield Path(buildah("mount", container).stdout.strip())
+    finally:
+        buildah("rm", container, check=False)

@@ -58,13 +58,13 @@ def image(
 
 @pytest.fixture(scope="module")
 def rootfs(image: localimages.Image) -> Iterator[Path]:
-    with localimages.Rootfs(image.reference) as path:
+    with localimages.rootfs(image.reference) as path:
         yield path
 
 
 @pytest.fixture(scope="module")
 def runtime_rootfs(images: dict[str, localimages.Image]) -> Iterator[Path]:
-    with localimages.Rootfs(images["runtime"].reference) as path:
+    with localimages.rootfs(images["runtime"].reference) as path:
         yield path
 
 
@@ -137,7 +137,7 @@ def _tiny_model(path: Path) -> bytes:
     """An ONNX model that returns its input."""
     from onnx import TensorProto, helper
 
-    tensor = ["batch", 2]
+    tensor: list[str | int | None] = ["batch", 2]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
         "tiny",
