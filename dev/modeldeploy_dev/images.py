@@ -8,6 +8,7 @@ No Docker engine runs here and no public image registry is reachable, so:
 - `buildah build` builds the Dockerfile's `operator` and `runtime` targets as a user's
   `docker build --target ...` does, passing that base as `PYTHON_IMAGE` (the Dockerfile's default
   stays the public `python` image);
+- the pod sandbox image a node needs (`modeldeploy-pause`) is Debian's static busybox sleeping;
 - the images are tagged with a hash of what they are built from (the Dockerfile, the files the
   build context holds: lock files and sources, and the base image), so an unchanged tree builds
   nothing.
@@ -71,6 +72,7 @@ _PYTHON_CONFIG = (
 # The RUN steps install from PyPI. They see the host's trust store (mounted, never in a layer),
 # so that a TLS-intercepting proxy the host trusts is trusted by pip in the build too.
 _CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_BUSYBOX = "/bin/busybox"  # Debian's busybox-static
 
 
 def _log(message: str) -> None:
@@ -144,6 +146,44 @@ def build_python_image() -> str:
         finally:
             buildah("rm", container, check=False)
     _log(f"made {reference} in {time.monotonic() - started:.0f}s")
+    return reference
+
+
+def pause_image() -> str:
+    """The pod sandbox ("pause") image's reference, tagged by the busybox package it holds."""
+    version = subprocess.run(
+        ["dpkg-query", "--show", "--showformat=${Version}", "busybox-static"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not version:
+        raise RuntimeError("no busybox-static: install Debian's package (`make tools` does)")
+    tag = version.rpartition(":")[2].replace("+", "_").replace("~", "_")
+    return f"localhost/modeldeploy-pause:busybox-{tag}"
+
+
+def build_pause_image() -> str:
+    """A node's pod sandbox image: no registry here serves the upstream `pause`, so it is made
+    from Debian's static busybox, whose entry point sleeps until the sandbox is killed (as
+    nobody, read-only). Returns its reference."""
+    reference = pause_image()
+    if _exists(reference):
+        return reference
+    container = buildah("from", "scratch").stdout.strip()
+    try:
+        buildah("copy", "--chmod=0755", container, _BUSYBOX, "/bin/busybox")
+        buildah(
+            "config",
+            '--entrypoint=["/bin/busybox", "sleep", "infinity"]',
+            "--cmd=",
+            "--user=65535:65535",
+            container,
+        )
+        buildah("commit", "--quiet", container, reference)
+    finally:
+        buildah("rm", container, check=False)
+    _log(f"made {reference}")
     return reference
 
 
@@ -231,7 +271,8 @@ def image_config(reference: str) -> dict[str, object]:
 
 
 def build(targets: tuple[str, ...] = TARGETS) -> dict[str, Image]:
-    """Builds each target whose image is not in the storage yet; returns them all."""
+    """Builds each target whose image is not in the storage yet, and the pod sandbox image a node
+    needs (as `pause`); returns them all."""
     root = checkout.root()
     base = build_python_image()
     key = context_key(root, base)
@@ -270,6 +311,7 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, Image]:
             _log(f"built {reference} in {time.monotonic() - started:.0f}s")
         images[target] = describe(target, reference)
     _remove_all_but(base, *(image.reference for image in images.values()))
+    images["pause"] = describe("pause", build_pause_image())
     return images
 
 

@@ -223,6 +223,7 @@ def test_the_runtime_serves_a_model_as_the_builders_pod_runs_it(
 def test_the_registry_serves_the_images_by_tag_and_by_digest(
     images: dict[str, localimages.Image], pushed_images: dict[str, str], tmp_path: Path
 ) -> None:
+    assert set(pushed_images) == {*localimages.TARGETS, "pause"}
     for target, image in images.items():
         repository, _, digest = pushed_images[target].partition("@")
         assert repository == f"{registry.ADDRESS}/{image.name}"
@@ -320,3 +321,31 @@ def test_containerd_pulls_the_images_by_tag_and_digest_and_runs_them_read_only(
     )
     assert ran.stdout.split() == ["65532", "65532"], ran.stdout + ran.stderr[-2000:]
     assert "Read-only file system" in ran.stderr, ran.stderr[-2000:]
+
+
+def test_the_pause_image_sleeps_as_a_sandbox_until_killed(
+    pushed_images: dict[str, str], containerd: list[str]
+) -> None:
+    """The pod sandbox image a node's containerd pins: pulled by digest, it keeps running."""
+    pause = pushed_images["pause"]
+    pulled = subprocess.run(
+        [*containerd, "images", "pull", "--plain-http", pause], capture_output=True, text=True
+    )
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    run = [*containerd, "run", "--detach", "--read-only", pause, "sandbox"]
+    assert subprocess.run(run, capture_output=True).returncode == 0
+    try:
+        time.sleep(1)
+        tasks = subprocess.run(
+            [*containerd, "tasks", "ls"], capture_output=True, text=True, check=True
+        ).stdout
+        assert re.search(r"^sandbox\s+\d+\s+RUNNING", tasks, re.MULTILINE), tasks
+    finally:
+        subprocess.run([*containerd, "tasks", "kill", "--signal", "KILL", "sandbox"], check=False)
+        deadline = time.monotonic() + 30
+        while subprocess.run(
+            [*containerd, "tasks", "delete", "sandbox"], capture_output=True
+        ).returncode:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        subprocess.run([*containerd, "containers", "delete", "sandbox"], check=False)
