@@ -4,10 +4,13 @@
 #   docker build --target operator     -t modeldeploy-operator .
 #   docker build --target runtime      -t modeldeploy-runtime .
 #   docker build --target runtime-cuda -t modeldeploy-runtime:cuda .
-# tests/packaging/test_packaging_dockerfile.py performs these install steps in virtualenvs
-# (no Docker engine in CI) and lints this file with hadolint.
+# `modeldeploy-dev images build` builds the first two here with buildah, from a Python base image
+# made of Debian bookworm's packages (`--build-arg PYTHON_IMAGE=localhost/modeldeploy-python:...`);
+# tests/packaging/test_packaging_images.py runs them, and test_packaging_dockerfile.py lints this
+# file with hadolint.
 
-# Base images pinned by tag; pin by digest (`@sha256:...`) where the registry is reachable.
+# Base images pinned by tag; pin by digest (`@sha256:...`) where the registry is reachable. Any
+# image with Python 3.11+ as `python` (and its `venv` module) will do.
 ARG PYTHON_IMAGE=python:3.11.14-slim-trixie
 # onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
@@ -22,7 +25,9 @@ COPY contract/ contract/
 COPY operator/ operator/
 COPY runtime/ runtime/
 COPY cli/ cli/
-RUN python -m pip wheel --no-deps --wheel-dir /dist .
+# pip from a virtualenv: the base image need not carry one of its own.
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip wheel --no-deps --wheel-dir /dist .
 
 # What every final image shares: no bytecode writes on a read-only root filesystem, no
 # current-directory imports (PYTHONSAFEPATH), the virtualenv on PATH, a numeric non-root user
@@ -41,14 +46,17 @@ LABEL org.opencontainers.image.source="https://github.com/modeldeploy/modeldeplo
 FROM python-base AS operator
 # The wheel and the lock files are bind-mounted, not copied: they never land in a layer. The
 # dependencies come from the lock, every one pinned with its hashes; then the wheel, without
-# dependencies of its own.
+# dependencies of its own. Nothing installs at run time: pip and setuptools leave the virtualenv,
+# and so do the test suites the packages ship (numpy's, some 20 MB).
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     --mount=type=bind,from=builder,source=/src/requirements,target=/requirements \
     set -- /dist/modeldeploy-*.whl \
     && python -m venv "$VIRTUAL_ENV" \
     && pip install --require-hashes -r /requirements/operator.txt \
-    && pip install --no-deps "$1"
+    && pip install --no-deps "$1" \
+    && pip uninstall --yes pip setuptools \
+    && find "$VIRTUAL_ENV" -depth -type d -name tests -exec rm -rf {} +
 LABEL org.opencontainers.image.title="modeldeploy-operator"
 USER 65532:65532
 EXPOSE 8080 9090
@@ -62,7 +70,9 @@ RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     set -- /dist/modeldeploy-*.whl \
     && python -m venv "$VIRTUAL_ENV" \
     && pip install --require-hashes -r /requirements/runtime.txt \
-    && pip install --no-deps "$1"
+    && pip install --no-deps "$1" \
+    && pip uninstall --yes pip setuptools \
+    && find "$VIRTUAL_ENV" -depth -type d -name tests -exec rm -rf {} +
 LABEL org.opencontainers.image.title="modeldeploy-runtime"
 USER 65532:65532
 EXPOSE 8080 8081

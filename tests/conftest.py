@@ -1,4 +1,5 @@
-"""Shared fixtures: the real local control plane and a fresh namespace per test.
+"""Shared fixtures: the real local control plane and a fresh namespace per test; the images built
+from the Dockerfile and the local registry holding them.
 
 The cluster is the project's own (`modeldeploy-dev cluster up`), never whatever KUBECONFIG points
 at, so a test can never touch a real cluster. When the binaries are missing they are built; when
@@ -16,6 +17,8 @@ import pytest
 from kopf.testing import KopfRunner
 
 from modeldeploy_dev import cluster as localcluster
+from modeldeploy_dev import images as localimages
+from modeldeploy_dev import registry as localregistry
 from operator_helpers import install_crd, running_operator
 from support import Cluster
 
@@ -65,3 +68,19 @@ def operator(
 ) -> Iterator[KopfRunner]:
     with start_operator() as runner:
         yield runner
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, localimages.Image]:
+    """The operator and runtime images, built from the Dockerfile unless the tree is unchanged."""
+    return localimages.build()
+
+
+@pytest.fixture(scope="session")
+def pushed_images(images: dict[str, localimages.Image]) -> Iterator[dict[str, str]]:
+    """The images in the local registry: each target's `127.0.0.1:PORT/name@sha256:...`."""
+    started_here = not localregistry.is_running()
+    localregistry.up()
+    yield {target: localregistry.push(image) for target, image in images.items()}
+    if started_here:
+        localregistry.down()

@@ -31,6 +31,12 @@ HELM_VERSION = "v3.21.4"
 # github.com/containous/go-http-auth at the pseudo-version v3.7.13 pins, nor a dozen ACME DNS SDKs.
 TRAEFIK_VERSION = "v3.6.12"
 GATEWAY_API_VERSION = "v1.4.0"  # the version Traefik v3.6.12 is built against
+REGISTRY_VERSION = "v3.1.2"  # github.com/distribution/distribution/v3: the local image registry
+# A real node (not yet started by `cluster up`): containerd with its runc shim, the CNI reference
+# plugins, and the kubelet from the same pinned k8s.io/kubernetes module as the control plane.
+CONTAINERD_VERSION = "v2.4.2"
+CNI_PLUGINS_VERSION = "v1.10.0"
+_CNI_PLUGINS = ("main/bridge", "main/loopback", "ipam/host-local", "meta/portmap")
 
 _VERSION_PACKAGES = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
 
@@ -132,6 +138,8 @@ def _go(
 def _build_into(final: Path, build: list[tuple[str, list[str], Path | None]]) -> None:
     if final.is_dir():
         return
+    if shutil.which("go") is None:
+        raise RuntimeError(f"the Go toolchain is needed to build {final.name}: no `go`")
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -233,4 +241,92 @@ def build_all() -> Binaries:
     )
     _build_ingress(wanted.traefik.parent)
     _log(f"all binaries ready in {time.monotonic() - started:.0f}s under {cache_dir() / 'bin'}")
+    return wanted
+
+
+def registry_binary() -> Path:
+    return cache_dir() / "bin" / f"registry-{REGISTRY_VERSION}" / "registry"
+
+
+def build_registry() -> Path:
+    """The distribution v3 registry, built once."""
+    binary = registry_binary()
+    _build_into(
+        binary.parent,
+        [
+            (
+                f"registry {REGISTRY_VERSION}",
+                [
+                    "install",
+                    f"github.com/distribution/distribution/v3/cmd/registry@{REGISTRY_VERSION}",
+                ],
+                None,
+            )
+        ],
+    )
+    return binary
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    """A real node's binaries: containerd, ctr and the runc shim; the CNI plugins; the kubelet."""
+
+    containerd: Path
+    ctr: Path
+    containerd_shim_runc_v2: Path
+    cni_bin_dir: Path  # bridge, loopback, host-local, portmap
+    kubelet: Path
+
+
+def node_binaries() -> NodeBinaries:
+    root = cache_dir() / "bin"
+    containerd = root / f"containerd-{CONTAINERD_VERSION}"
+    return NodeBinaries(
+        containerd=containerd / "containerd",
+        ctr=containerd / "ctr",
+        containerd_shim_runc_v2=containerd / "containerd-shim-runc-v2",
+        cni_bin_dir=root / f"cni-plugins-{CNI_PLUGINS_VERSION}",
+        kubelet=root / f"kubelet-{KUBERNETES_VERSION}" / "kubelet",
+    )
+
+
+def build_node() -> NodeBinaries:
+    """Builds whatever of the node's binaries is missing (static, like the rest)."""
+    wanted = node_binaries()
+    containerd = "github.com/containerd/containerd/v2/cmd"
+    _build_into(
+        wanted.containerd.parent,
+        [
+            (
+                f"{name} {CONTAINERD_VERSION}",
+                ["install", f"{containerd}/{name}@{CONTAINERD_VERSION}"],
+                None,
+            )
+            for name in ("containerd", "ctr", "containerd-shim-runc-v2")
+        ],
+    )
+    plugins = "github.com/containernetworking/plugins/plugins"
+    _build_into(
+        wanted.cni_bin_dir,
+        [
+            (
+                f"CNI {plugin} {CNI_PLUGINS_VERSION}",
+                ["install", f"{plugins}/{plugin}@{CNI_PLUGINS_VERSION}"],
+                None,
+            )
+            for plugin in _CNI_PLUGINS
+        ],
+    )
+    staging = wanted.kubelet.parent.with_name(wanted.kubelet.parent.name + ".partial")
+    _build_into(
+        wanted.kubelet.parent,
+        [
+            (
+                f"kubelet {KUBERNETES_VERSION}",
+                ["build", "-trimpath", "-ldflags", _version_ldflags(), "-o",
+                 str(staging / "kubelet"), "k8s.io/kubernetes/cmd/kubelet"],
+                checkout.root() / "tools" / "controlplane",
+            )
+        ],
+    )  # fmt: skip
     return wanted

@@ -1,4 +1,5 @@
-"""The `modeldeploy-dev` command: the local cluster, and the files generated from the API models."""
+"""The `modeldeploy-dev` command: the local cluster, the images, and the files generated from the
+API models."""
 
 from __future__ import annotations
 
@@ -27,6 +28,23 @@ def _cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(args: argparse.Namespace) -> int:
+    from modeldeploy_dev import images, registry
+
+    if args.action == "registry-down":
+        registry.down()
+        return 0
+    built = images.build()
+    if args.action == "push":
+        registry.up()
+    for image in built.values():
+        layers = " + ".join(f"{size / 1e6:.0f}" for size in image.layers)
+        print(f"{image.reference}  {image.size / 1e6:.0f} MB uncompressed ({layers} MB)")
+        if args.action == "push":
+            print(f"  {registry.push(image)}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from modeldeploy_dev import crd
 
@@ -52,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
         "--namespace", help="run-pods (required): the namespace whose runtime pods to run"
     )
     cluster.set_defaults(func=_cluster)
+    images = commands.add_parser(
+        "images",
+        help="the operator and runtime images, built from the Dockerfile with buildah on a "
+        "Debian-made Python base image (cached: an unchanged tree builds nothing)",
+    )
+    images.add_argument(
+        "action",
+        choices=["build", "push", "registry-down"],
+        help="build: build what is missing and print the images' sizes, push: also push them "
+        "by tag to the local registry (started on 127.0.0.1 when not running) and print their "
+        "digests, registry-down: stop the local registry (its data stays)",
+    )
+    images.set_defaults(func=_images)
     generate = commands.add_parser(
         "generate",
         help="rewrite crds/, the chart's copy of the CRD and the README's API reference from "
