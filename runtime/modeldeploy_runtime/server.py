@@ -248,7 +248,11 @@ class Engine:
         link = ipc.WorkerLink(child.channel, arena, self._enqueue)
         while (messages := await child.channel.receive()) is not None:
             for message in messages:
-                link.handle(message)
+                try:
+                    link.handle(message)
+                except Exception:
+                    # A message this engine cannot even read fails no one else's request.
+                    logger.exception("worker %d sent a message that was dropped", child.index)
         returncode = await asyncio.to_thread(child.process.wait)
         metrics.process_exited(child.process.pid)
         if not self._stopping:

@@ -93,6 +93,23 @@ def running_server(**overrides: Any) -> Iterator[server.Server]:
         _on_loop(runtime.stop())
 
 
+@contextlib.contextmanager
+def running_engine(workers: int, **overrides: Any) -> Iterator[server.Engine]:
+    """The model process in this one and ``workers`` real front-end worker processes."""
+    values: dict[str, Any] = {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "threads": 1}
+    config = settings.ServeSettings(**(values | overrides))
+
+    async def create() -> server.Engine:
+        return server.Engine(config, workers)
+
+    runtime: server.Engine = _on_loop(create())
+    try:
+        _on_loop(runtime.start())
+        yield runtime
+    finally:
+        _on_loop(runtime.stop())
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
