@@ -105,9 +105,25 @@ def running_engine(workers: int, **overrides: Any) -> Iterator[server.Engine]:
     runtime: server.Engine = _on_loop(create())
     try:
         _on_loop(runtime.start())
+        _wait_serving(runtime.http_port)
         yield runtime
     finally:
         _on_loop(runtime.stop())
+
+
+def _wait_serving(port: int, timeout: float = 30) -> None:
+    """Until readiness answers 200 on several fresh connections (every worker listens)."""
+    deadline = time.monotonic() + timeout
+    answered = 0
+    while answered < 10:
+        assert time.monotonic() < deadline, "the workers did not become ready"
+        try:
+            answered = (
+                answered + 1 if get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200 else 0
+            )
+        except OSError:
+            answered = 0
+            time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -48,23 +48,7 @@ def engine(mlp_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[server.
             return enqueue(inputs, size)
 
         monkeypatch.setattr(batcher, "enqueue", faulty)
-        wait_serving(runtime.http_port)
         yield runtime
-
-
-def wait_serving(port: int, timeout: float = 30) -> None:
-    """Until readiness answers 200 on several fresh connections (both workers listen)."""
-    deadline = time.monotonic() + timeout
-    answered = 0
-    while answered < 10:
-        assert time.monotonic() < deadline, "the workers did not become ready"
-        try:
-            answered = (
-                answered + 1 if get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200 else 0
-            )
-        except OSError:
-            answered = 0
-            time.sleep(0.05)
 
 
 def test_an_error_while_queueing_fails_only_that_request_with_its_reason(
