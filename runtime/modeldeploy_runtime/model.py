@@ -233,15 +233,12 @@ def warmup_example(
             raise WarmupError(f"warm-up samples {samples} cannot be read: {error}") from None
         return _fitted(served, given, "samples"), f"the warm-up samples {samples.name}"
     if shapes is not None:
-        specs = {spec.name: spec for spec in served.inputs}
+        _same_names(served, shapes, "shapes")
         zeros = {
-            name: np.zeros(shape, DATATYPES[specs[name].datatype])
-            for name, shape in shapes.items()
-            if name in specs
+            spec.name: np.zeros(shapes[spec.name], DATATYPES[spec.datatype])
+            for spec in served.inputs
         }
-        return _fitted(served, zeros | dict.fromkeys(shapes.keys() - specs), "shapes"), (
-            "the warm-up shapes"
-        )
+        return _fitted(served, zeros, "shapes"), "the warm-up shapes"
     example = served.example_inputs()
     if example is None:
         unknown = [
@@ -256,13 +253,17 @@ def warmup_example(
     return example, "zeros of the model's own shapes"
 
 
-def _fitted(served: OnnxModel, given: Mapping[str, Any], what: str) -> dict[str, Array]:
-    """The user's warm-up inputs, checked against the model's inputs: names, dtypes, dims."""
+def _same_names(served: OnnxModel, given: Mapping[str, Any], what: str) -> None:
     names = {spec.name for spec in served.inputs}
     if given.keys() != names:
         raise WarmupError(
             f"the warm-up {what} name {sorted(given)}, but the model's inputs are {sorted(names)}"
         )
+
+
+def _fitted(served: OnnxModel, given: Mapping[str, Array], what: str) -> dict[str, Array]:
+    """The user's warm-up inputs, checked against the model's inputs: names, dtypes, dims."""
+    _same_names(served, given, what)
     for spec in served.inputs:
         array = given[spec.name]
         if array.dtype != DATATYPES[spec.datatype]:
