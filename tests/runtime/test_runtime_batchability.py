@@ -21,10 +21,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from runtime_fixtures import running_engine, running_server
 
-from modeldeploy_runtime import batching, metrics, model, settings
+from modeldeploy_runtime import batching, metrics, model
+from modeldeploy_runtime import settings as runtime_settings
 
 Dim = int | str | None
 FLOAT = TensorProto.FLOAT
@@ -54,7 +57,9 @@ def node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> o
 
 
 def loaded(path: Path, sizes: Sequence[int] = (1, 2, 4)) -> model.OnnxModel:
-    served = model.OnnxModel(path, model.SessionConfig(threads=1, device=settings.Device.CPU))
+    served = model.OnnxModel(
+        path, model.SessionConfig(threads=1, device=runtime_settings.Device.CPU)
+    )
     served.load(sizes)
     return served
 
@@ -295,3 +300,24 @@ def test_requests_that_are_not_merged_run_concurrently_up_to_the_limit() -> None
 
     results = asyncio.run(scenario())
     assert [r[0].tolist() for r in results] == [[[1.0] * 3] * 2, [[2.0] * 3] * 2]
+
+
+DIMS = st.one_of(st.integers(0, 5), st.sampled_from(["batch", "n", "m", "?"]), st.none())
+TENSOR = st.tuples(st.sampled_from(["a", "b", "c"]), st.lists(DIMS, max_size=4))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(inputs=st.lists(TENSOR, min_size=1, max_size=4), outputs=st.lists(TENSOR, max_size=4))
+def test_batchable_exactly_when_axis_0_is_a_batch_axis_everywhere(
+    inputs: list[tuple[str, list[Dim]]], outputs: list[tuple[str, list[Dim]]]
+) -> None:
+    """Generated signatures against the rule stated plainly: every tensor has a first dim
+    that is not fixed, and no input's named first dim shows up on another axis."""
+    symbols = {dims[0] for _, dims in inputs if dims and dims[0] not in (None, "?")}
+    symbols = {s for s in symbols if isinstance(s, str)}
+    tensors = inputs + outputs
+    batchable = all(dims and not isinstance(dims[0], int) for _, dims in tensors) and not any(
+        dim in symbols for _, dims in tensors for dim in dims[1:]
+    )
+    problems = model.batch_problems(inputs, outputs)
+    assert (problems == ()) == batchable, problems
