@@ -111,6 +111,15 @@ def running_engine(workers: int, **overrides: Any) -> Iterator[server.Engine]:
         _on_loop(runtime.stop())
 
 
+def on_servers_loop(call: Any) -> Any:
+    """Call ``call()`` on the in-process servers' event loop and return what it returns."""
+
+    async def run() -> Any:
+        return call()
+
+    return _on_loop(run())
+
+
 def _wait_serving(port: int, timeout: float = 30) -> None:
     """Until readiness answers 200 on several fresh connections (every worker listens)."""
     deadline = time.monotonic() + timeout

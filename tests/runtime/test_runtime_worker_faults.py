@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_fixtures import examples, get, post, running_engine
+from runtime_fixtures import examples, get, on_servers_loop, post, running_engine
 
-from modeldeploy_runtime import batching, server
+from modeldeploy_runtime import batching, ipc, server
 
 POISON = 999.0
 
@@ -89,3 +89,23 @@ def test_a_worker_that_dies_is_started_again_and_serving_goes_on(engine: server.
         time.sleep(0.2)
     else:
         raise AssertionError("serving did not recover after the worker died")
+
+
+def test_a_worker_whose_link_to_the_engine_fails_exits_and_is_started_again(
+    engine: server.Engine,
+) -> None:
+    child = engine._workers[1]
+    victim = child.process
+    # A result for a request the worker never sent: its link can no longer be trusted.
+    on_servers_loop(lambda: child.channel.send((ipc.RESULTS, 10**9, True, [])))
+    assert victim.wait(30) == 1
+    deadline = time.monotonic() + 30
+    while engine._workers[1].process is victim:
+        assert time.monotonic() < deadline, "the worker was not started again"
+        time.sleep(0.1)
+    while time.monotonic() < deadline:
+        statuses = [infer(engine.http_port, examples(1, seed=i))[0] for i in range(12)]
+        if all(s == 200 for s in statuses):
+            return
+        time.sleep(0.2)
+    raise AssertionError("serving did not recover after the worker's link failed")
