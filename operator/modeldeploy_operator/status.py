@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modeldeploy_contract import values
 from modeldeploy_operator import builders
 from modeldeploy_operator import spec as api
 
@@ -248,10 +249,11 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
                     )
                 if crashed and (waiting.get("reason") in _BROKEN_WAITING or "terminated" in state):
                     detail = terminated.get("message") or terminated.get("reason", "error")
+                    warmup = terminated["exitCode"] == values.EXIT_WARMUP_FAILED
                     return Verdict(
                         False,
                         True,
-                        reason,
+                        "WarmupFailed" if warmup and reason == "ModelLoadFailed" else reason,
                         f"{container['name']} exited with {terminated['exitCode']}: "
                         f"{detail.strip()}",
                     )

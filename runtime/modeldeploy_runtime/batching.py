@@ -485,6 +485,15 @@ class Batcher:
         with self._stats.inference_duration.time():
             outputs = run()
         sizes = [r.size for r in batch]
+        padded = padded_size(self.sizes, sum(sizes))
+        for output in outputs:
+            # An output whose axis 0 is not the batch is never cut along it: a wrong answer
+            # is worse than an error (the model should have been served unbatched).
+            if output.ndim == 0 or output.shape[0] != padded:
+                raise ValueError(
+                    f"the model returned an output of shape {list(output.shape)} for a batch "
+                    f"of {padded}: its axis 0 is not the batch"
+                )
         parts = split(outputs, sizes, [r.length for r in batch], self._padding)
         self._stats.batch_size.observe(sum(sizes))
         return list(parts)
@@ -498,3 +507,68 @@ class Batcher:
                 request.future.set_exception(result)
             else:
                 request.future.set_result(result)
+
+
+class Unbatched:
+    """Requests that are never merged: each runs alone, as it came, up to ``concurrency`` at
+    once (an ONNX Runtime session takes concurrent runs).  For models whose axis 0 is not a
+    batch axis, as Triton serves a model with ``max_batch_size: 0``."""
+
+    max_batch_size = 0
+
+    def __init__(
+        self,
+        run: Callable[[Inputs], Sequence[tensors.Array]],
+        *,
+        concurrency: int,
+        max_queue_size: int,
+        stats: metrics.ModelMetrics,
+        max_queue_bytes: int | None = None,
+    ) -> None:
+        self._run_one = run
+        self._max_queue_size = max_queue_size
+        self._max_queue_bytes = max_queue_bytes
+        self._stats = stats
+        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, "inference")
+        self._queued: set[asyncio.Future[list[tensors.Array]]] = set()
+        self._queued_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop."""
+        if self._queued:
+            await asyncio.gather(*self._queued, return_exceptions=True)
+        self._pool.shutdown()
+
+    def enqueue(self, inputs: Inputs, size: int) -> asyncio.Future[list[tensors.Array]]:
+        if self._loop is None:
+            raise RuntimeError("the batcher is not started")
+        if len(self._queued) >= self._max_queue_size:
+            raise QueueFullError(f"the request queue is full ({self._max_queue_size} requests)")
+        nbytes = sum(array.nbytes for array in inputs.values())
+        limit = self._max_queue_bytes
+        if limit is not None and self._queued and self._queued_bytes + nbytes > limit:
+            raise QueueFullError(f"the request queue is full ({limit} bytes of tensors)")
+        future = self._loop.run_in_executor(self._pool, self._run, inputs, time.monotonic())
+        self._queued.add(future)
+        self._queued_bytes += nbytes
+
+        def done(_: asyncio.Future[list[tensors.Array]]) -> None:
+            self._queued.discard(future)
+            self._queued_bytes -= nbytes
+
+        future.add_done_callback(done)
+        return future
+
+    async def submit(self, inputs: Inputs, size: int) -> list[tensors.Array]:
+        return await self.enqueue(inputs, size)
+
+    def _run(self, inputs: Inputs, enqueued: float) -> list[tensors.Array]:
+        self._stats.queue_duration.observe(time.monotonic() - enqueued)
+        with self._stats.inference_duration.time():
+            outputs = list(self._run_one(inputs))
+        self._stats.batch_size.observe(1)
+        return outputs

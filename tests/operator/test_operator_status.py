@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from modeldeploy_contract import values
 from modeldeploy_operator import builders, status
 from modeldeploy_operator import spec as api
 
@@ -117,6 +118,34 @@ def test_a_model_that_fails_to_fetch_stalls() -> None:
     assert conditions["Stalled"].reason == "ModelFetchFailed"
     assert conditions["Stalled"].message == "fetch-model exited with 1: sha256 mismatch: a != b"
     assert conditions["Reconciling"].status == "False"
+
+
+def test_a_failed_warm_up_the_user_asked_for_stalls_with_its_own_reason() -> None:
+    failing = _pod(
+        containerStatuses=[
+            {
+                "name": "runtime",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {
+                        "exitCode": values.EXIT_WARMUP_FAILED,
+                        "message": "the warm-up with the warm-up shapes failed: Concat: Axis 2\n",
+                    }
+                },
+            }
+        ]
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[failing]))
+    assert conditions["Stalled"].status == "True"
+    assert conditions["Stalled"].reason == "WarmupFailed"
+    assert "warm-up with the warm-up shapes failed: Concat" in conditions["Stalled"].message
+    other = _pod(
+        containerStatuses=[
+            {"name": "runtime", "state": {"terminated": {"exitCode": 1, "message": "boom"}}}
+        ]
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[other]))
+    assert conditions["Stalled"].reason == "ModelLoadFailed"
 
 
 def test_pods_of_an_older_model_do_not_count() -> None:

@@ -93,6 +93,48 @@ def running_server(**overrides: Any) -> Iterator[server.Server]:
         _on_loop(runtime.stop())
 
 
+@contextlib.contextmanager
+def running_engine(workers: int, **overrides: Any) -> Iterator[server.Engine]:
+    """The model process in this one and ``workers`` real front-end worker processes."""
+    values: dict[str, Any] = {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "threads": 1}
+    config = settings.ServeSettings(**(values | overrides))
+
+    async def create() -> server.Engine:
+        return server.Engine(config, workers)
+
+    runtime: server.Engine = _on_loop(create())
+    try:
+        _on_loop(runtime.start())
+        _wait_serving(runtime.http_port)
+        yield runtime
+    finally:
+        _on_loop(runtime.stop())
+
+
+def on_servers_loop(call: Any) -> Any:
+    """Call ``call()`` on the in-process servers' event loop and return what it returns."""
+
+    async def run() -> Any:
+        return call()
+
+    return _on_loop(run())
+
+
+def _wait_serving(port: int, timeout: float = 30) -> None:
+    """Until readiness answers 200 on several fresh connections (every worker listens)."""
+    deadline = time.monotonic() + timeout
+    answered = 0
+    while answered < 10:
+        assert time.monotonic() < deadline, "the workers did not become ready"
+        try:
+            answered = (
+                answered + 1 if get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200 else 0
+            )
+        except OSError:
+            answered = 0
+            time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -62,7 +62,7 @@ def test_invalid_settings_exit_non_zero_naming_the_field(tmp_path: Path) -> None
         runtime_command("serve", "--model-path", str(tmp_path / "m.onnx"), "--model-name", "m"),
         capture_output=True,
         text=True,
-        env={"MODELDEPLOY_MAX_BATCH_SIZE": "0", "PATH": "/usr/bin:/bin"},
+        env={"MODELDEPLOY_MAX_BATCH_SIZE": "-1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2
     assert "max_batch_size" in result.stderr
