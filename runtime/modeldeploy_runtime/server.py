@@ -53,25 +53,30 @@ def load(config: settings.ServeSettings, stats: metrics.ModelMetrics) -> model.O
     else:
         reference = model.OnnxModel(path, session_config)
         reference.load()
-        samples = (
-            quantization.load_samples(config.calibration_path, reference.inputs)
+        samples, unmeasured = (
+            (quantization.load_samples(config.calibration_path, reference.inputs), "")
             if config.calibration_path is not None
-            else quantization.random_samples(reference.inputs)
+            else quantization.random_samples(reference, config.warmup_shapes)
         )
         calibration = samples if config.quantization is settings.Quantization.STATIC_INT8 else None
         quantized = quantization.quantize(path, config.quantization, calibration, config.cache_dir)
         served = model.OnnxModel(quantized, session_config)
         served.load(sizes)
-        accuracy = quantization.compare(reference, served, samples)
+        if samples is None:
+            logger.warning(
+                "%s: agreement with FP32 not measured: %s", config.quantization.value, unmeasured
+            )
+        else:
+            accuracy = quantization.compare(reference, served, samples)
+            logger.info(
+                "%s vs FP32 on %d samples: top-1 agreement %.4f, max abs error %.6g",
+                config.quantization.value,
+                accuracy.samples,
+                accuracy.top1_agreement,
+                accuracy.max_abs_error,
+            )
+            stats.set_quantization_accuracy(accuracy.top1_agreement, accuracy.max_abs_error)
         reference.unload()
-        logger.info(
-            "%s vs FP32 on %d samples: top-1 agreement %.4f, max abs error %.6g",
-            config.quantization.value,
-            accuracy.samples,
-            accuracy.top1_agreement,
-            accuracy.max_abs_error,
-        )
-        stats.set_quantization_accuracy(accuracy.top1_agreement, accuracy.max_abs_error)
     stats.set_model_info(config.model_version, config.quantization.value, served.device_used)
     return served
 
