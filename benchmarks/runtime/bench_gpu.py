@@ -729,7 +729,7 @@ class Bench:
             return result
 
         best, trials = openloop.max_rate(measure, bound, ceiling=args.open_ceiling)
-        at_best = next((t for t in trials if t.rate == best), None)
+        at_best = next((t for t in trials if t.rate == best and t.within(bound)), None)
         self.report.poisson.append(
             PoissonRow(
                 model=spec.name,
