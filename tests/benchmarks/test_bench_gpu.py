@@ -61,7 +61,7 @@ def test_smoke_run_with_the_builtin_load_generator(tmp_path: Path) -> None:
     assert cells == {(model, body) for model in ("mlp", "resnet") for body in ("binary", "json")}
     for row in results["poisson"]:
         assert row["trials"][0][0] == 250, row
-        assert row["max_rate"] in {0, 250, 500}, row
+        assert 0 <= row["max_rate"] <= 500, row
 
 
 @pytest.mark.timeout(120)
