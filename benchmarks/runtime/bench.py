@@ -15,8 +15,8 @@ example v2 JSON POSTs, in two kinds:
   requests/s (p50, p99), and MLPerf's "server" figure, the highest Poisson rate whose p99
   stays within ``--bound-ms`` (10 ms).
 
-``--baseline`` also runs another checkout's runtime (its ``.venv``), as "modeldeploy
-(baseline)", so a change is measured before and after in one run.  Prints the tables.
+``--baseline`` also runs another checkout's runtime (its ``.venv``), as server
+``baseline``, so a change is measured before and after in one run.  Prints the tables.
 """
 
 from __future__ import annotations
