@@ -208,6 +208,9 @@ class Batcher:
                 continue
             if self._busy:
                 await self._grow()
+            elif self._pending_examples < self.max_batch_size:
+                # One loop turn: requests whose bytes have already arrived reach the queue.
+                await asyncio.sleep(0)
             batch = self._take()
             if batch:
                 self._waiting += 1
