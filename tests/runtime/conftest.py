@@ -21,8 +21,11 @@ def mlp_model(models_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def busy_model(models_dir: Path) -> Path:
-    """``mlp_model``'s classifier (the same answers) that keeps the model busy ~10 ms a run."""
-    return busy_mlp(models_dir / "busy.onnx", [MLP_FEATURES, 32, MLP_CLASSES], seed=1)
+    """``mlp_model``'s classifier (the same answers), busy for tens of ms a run: longer than
+    a Python client takes to send a burst of requests, so they queue and share batches."""
+    return busy_mlp(
+        models_dir / "busy.onnx", [MLP_FEATURES, 32, MLP_CLASSES], seed=1, size=512, rounds=6
+    )
 
 
 @pytest.fixture(scope="session")
