@@ -281,7 +281,8 @@ class RuntimeSettings(_Model):
         default=values.MAX_BATCH_DELAY_MS,
         ge=0,
         le=10_000,
-        description="Longest time a request waits for others to share its batch.",
+        description="Longest time a request waits for others to share its batch while the "
+        "model is busy; a request that arrives while the model is idle runs at once.",
     )
     max_queue_size: int = Field(
         default=values.MAX_QUEUE_SIZE,

@@ -1,16 +1,23 @@
 """Dynamic batching: concurrent requests merged along axis 0, padded to fixed sizes, pipelined.
 
 ``merge``/``split``/``padded_size`` are pure; ``Batcher`` owns the queue.  Each request
-waits on its own future.  A batch is formed when it holds the largest batch size's worth
-of examples or when its oldest request has waited ``max_delay``, and it is padded up to
-the next of a small set of sizes, so the session only ever sees those shapes.
+waits on its own future.  Batches are adaptive ("continuous"): a request that arrives while
+the model is idle is dispatched at once, with whatever else is queued, and never waits for
+partners that may not come.  While a batch runs, arrivals queue and form the next batch,
+which is dispatched when the model is free again, when it holds the largest batch size's
+worth of examples, or when its oldest request has waited ``max_delay``; so ``max_delay``
+bounds the wait only while the model is busy, and under load batches grow with the load.
+Each batch is padded up to the next of a small set of sizes, so the session only ever sees
+those shapes.
 
-On a GPU execution is a two-stage pipeline: one thread merges (copies the requests into
-reused buffers and onto the device) while another runs the previous batch; at most one
-batch waits between the stages.  On CPU the model's threads already use every core, so a
-batch is merged and run in one go by the inference thread (one thread hop per batch, which
-measured faster there), and the next batch forms when it is done.  Either way the rest
-keep queueing, so under load batches grow without any added delay.
+On a GPU execution is a two-stage pipeline: one thread merges (copies the requests onto
+the device) while another runs the previous batch; at most one batch waits between the
+stages.  The model counts as busy from a batch's dispatch to its end, so the batch that
+forms while another runs is not cut the moment the pipeline has room (it would hold only
+the few requests that came during the merge) but grows as on CPU.  On CPU the model's
+threads already use every core, so a batch is merged and run in one go by the inference
+thread (one thread hop per batch, which measured faster there), and the next batch is
+dispatched when it is done.
 
 When a merged batch fails, its requests are re-run in halves, so only the requests that
 fail on their own get an error, and only their own.
@@ -299,6 +306,8 @@ class Batcher:
         # Batches formed and not yet running (pipelined) or not yet done: at most one, so
         # the rest keep growing.
         self._waiting = 0
+        # Batches dispatched and not yet done: the model is idle when there are none.
+        self._busy = 0
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
@@ -371,23 +380,32 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            deadline = self._pending[0].enqueued + self._max_delay_s
-            while self._pending_examples < self.max_batch_size and not self._closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._wake.wait()
-                except TimeoutError:
-                    break
+            if self._busy:
+                await self._grow()
+            elif self._pending_examples < self.max_batch_size:
+                # One loop turn: requests whose bytes have already arrived reach the queue.
+                await asyncio.sleep(0)
             batch = self._take()
             if batch:
                 self._waiting += 1
+                self._busy += 1
                 task = loop.create_task(self._process(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
+
+    async def _grow(self) -> None:
+        """While the model is busy: wait until it is free, the batch full, or the oldest late."""
+        deadline = self._pending[0].enqueued + self._max_delay_s
+        while self._busy and self._pending_examples < self.max_batch_size and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
 
     def _take(self) -> list[_Request]:
         """The oldest request and the queued ones compatible with it, up to the max size."""
@@ -409,6 +427,13 @@ class Batcher:
         return batch
 
     async def _process(self, batch: list[_Request]) -> None:
+        try:
+            await self._prepare_and_finish(batch)
+        finally:
+            self._busy -= 1
+            self._wake.set()
+
+    async def _prepare_and_finish(self, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
         rows = sum(r.size for r in batch)
         padded = padded_size(self.sizes, rows)

@@ -274,6 +274,8 @@ class Engine:
             self._arenas.append(ipc.Arena.create(arena_bytes))
             await self._spawn(index)
         await self._backend.start(bound_bytes=False)
+        for _, arena in self._arenas:
+            self._pin(arena)
         for child in self._workers:
             self._send_ready(child)
         logger.info(
@@ -332,7 +334,14 @@ class Engine:
             logger.error("worker %d exited with %s; starting it again", child.index, returncode)
             # A fresh arena: the engine may still hold views of the old one's requests.
             self._arenas[child.index] = ipc.Arena.create(self._arenas[child.index][1].size)
+            self._pin(self._arenas[child.index][1])
             await self._spawn(child.index)
+
+    def _pin(self, arena: ipc.Arena) -> None:
+        """On a GPU, requests are copied from the arenas straight to the device: pin them."""
+        served = self._backend.model
+        if served is not None and served.device_used == "cuda":
+            runner.pin(arena.memory)
 
     def _enqueue(self, inputs: batching.Inputs, size: int) -> asyncio.Future[list[model.Array]]:
         if self._backend.batcher is None:
