@@ -37,6 +37,8 @@ _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
 _CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
 Key = tuple[str, str]
+# How often a ModelDeployment that needs a kind the cluster does not serve checks again.
+UNSERVED_RECHECK_S = 10.0
 Queue = workqueue.WorkQueue[Key, builders.Kind]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,14 @@ def memo(settings: config.OperatorSettings) -> kopf.Memo:
     return kopf.Memo(settings=settings)
 
 
+def _settings(memo: kopf.Memo) -> config.OperatorSettings:
+    settings = memo.get("settings")
+    if settings is None:
+        settings = memo["settings"] = config.OperatorSettings()
+    assert isinstance(settings, config.OperatorSettings)
+    return settings
+
+
 def _dependencies(memo: kopf.Memo) -> Dependencies:
     dependencies: Dependencies = memo.dependencies
     return dependencies
@@ -75,9 +85,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Peering would write a KopfPeering object every minute; `modeldeploy run` elects one active
     # replica with a Lease instead (leader.py), before kopf starts.
     settings.peering.standalone = True
-    # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
-    # logs the 403s and falls back to what it does now: namespaces given by exact name only.
-    settings.scanning.disabled = True
+    # kopf watches the CRDs (read-only), so that a kind installed after the start (the Gateway
+    # API's HTTPRoute) is watched and indexed from then on, without a restart.
+    settings.scanning.disabled = False
     # An object's kopf worker (and the last body it saw) lingers this long after its last event.
     settings.queueing.idle_timeout = 1.0
     # A watch that cannot reconnect tries these intervals over and over: after an outage the
@@ -87,8 +97,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.startup()
 async def start(memo: kopf.Memo, **indexes: Any) -> None:
-    operator: config.OperatorSettings = memo.get("settings") or config.OperatorSettings()
-    client = kube.Kube.from_environment()
+    operator = _settings(memo)
+    client = kube.Kube.shared(operator.kubeconfig, operator.context)
     source: collect.Source = (
         collect.PrometheusSource(operator.prometheus_url, operator.metrics_window)
         if operator.prometheus_url
@@ -103,16 +113,24 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:
     # last saw them (kopf runs no handler before every index is filled).
     metrics = collect.MetricsLoop(writer, indexes[_index_id(POD)], paths.HTTP_PORT)
     reconciler = reconcile.Reconciler(client, operator.runtime_image)
-    queue: Queue = workqueue.WorkQueue()
+    queue: Queue = workqueue.WorkQueue(permanent=kube.is_permanent)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"
     )
 
     async def handle(key: Key, gone: set[builders.Kind]) -> None:
-        await _reconcile(reconciler, executor, indexes, key, gone)
+        if await _reconcile(reconciler, executor, indexes, key, gone):
+            # A kind it needs is not served: installing its CRD raises no event of ours.
+            queue.add_after(key, UNSERVED_RECHECK_S)
 
-    def failed(key: Key, error: BaseException, retry_in: float) -> None:
-        logger.error("reconciling %s/%s failed (retry in %.1fs): %s", *key, retry_in, error)
+    def failed(key: Key, error: BaseException, retry_in: float | None) -> None:
+        if retry_in is None:
+            logger.error(
+                "reconciling %s/%s failed, and retrying cannot help; left until the object or "
+                "a child changes, or the next resync: %s", *key, error,
+            )  # fmt: skip
+        else:
+            logger.error("reconciling %s/%s failed (retry in %.1fs): %s", *key, retry_in, error)
 
     workers = [queue.work(handle, failed) for _ in range(operator.reconcile_workers)]
     # Every ModelDeployment the watch knows, from time to time: a reconcile reads only the
@@ -134,24 +152,24 @@ async def _reconcile(
     indexes: Mapping[str, Any],
     key: Key,
     gone: set[builders.Kind],
-) -> None:
-    """One reconcile, from what the indexes hold now (read here, on the event loop)."""
+) -> bool:
+    """One reconcile, from what the indexes hold now (read here, on the event loop); True when
+    it should be tried again later (see Reconciler.reconcile)."""
     mds = list(indexes["model_deployments_index"].get(key, []))
     if not mds:
-        return  # deleted meanwhile: the garbage collector removes the children
+        return False  # deleted meanwhile: the garbage collector removes the children
     md = mds[0]
     observed = _observed(indexes, key, md["metadata"]["uid"])
 
-    def run() -> None:
+    def run() -> bool:
         current: api.Object | None = md
         if gone:
             # The owner may be gone already with its deletion not yet seen by our watch: do not
             # recreate a child the garbage collector just removed.
             current = reconciler.reread(*key)
-        if current is not None:
-            reconciler.reconcile(current, observed, gone=gone)
+        return current is not None and reconciler.reconcile(current, observed, gone=gone)
 
-    await asyncio.get_running_loop().run_in_executor(executor, run)
+    return await asyncio.get_running_loop().run_in_executor(executor, run)
 
 
 @kopf.on.cleanup()
@@ -165,9 +183,25 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # In a pod the service account; elsewhere $KUBECONFIG as it is now.
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf piggybacks on our client's configuration: the same credentials, refreshed the same
+    way (kopf logs in again when the API server answers 401), so the watches and the writes
+    always act as one identity."""
+    operator = _settings(memo)
+    info = kube.login_info(kube.configuration(operator.kubeconfig, operator.context))
+    return kopf.ConnectionInfo(
+        server=info.server,
+        ca_path=info.ca_path,
+        insecure=info.insecure,
+        scheme=info.scheme,
+        token=info.token,
+        certificate_path=info.certificate_path,
+        private_key_path=info.private_key_path,
+        username=info.username,
+        password=info.password,
+        proxy_url=info.proxy_url,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 def _slim_model_deployment(body: kopf.Body) -> api.Object:
