@@ -102,7 +102,7 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:
     source: collect.Source = (
         collect.PrometheusSource(operator.prometheus_url, operator.metrics_window)
         if operator.prometheus_url
-        else collect.DirectSource()
+        else collect.DirectSource(timeout=min(5.0, operator.metrics_interval / 2))
     )
 
     async def write(namespace: str, name: str, metrics: dict[str, Any]) -> None:
