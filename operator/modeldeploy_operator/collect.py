@@ -122,7 +122,7 @@ class DirectSource:
             await self._session.close()
 
 
-class NoAnswer(Exception):
+class NoAnswerError(Exception):
     """The source had nothing this round (logged once for the round, not per object)."""
 
 
@@ -180,7 +180,7 @@ class PrometheusSource:
 
     async def summary(self, target: Target) -> telemetry.Summary | None:
         if self._rates is None:
-            raise NoAnswer("Prometheus did not answer this round")
+            raise NoAnswerError("Prometheus did not answer this round")
         pods = self._rates.get((target.namespace, target.name, target.model))
         if not pods:
             return None
@@ -256,7 +256,7 @@ class MetricsWriter:
         with opmetrics.METRICS_COLLECTION_DURATION.labels(source).time():
             try:
                 summary = await self.source.summary(target)
-            except NoAnswer:
+            except NoAnswerError:
                 opmetrics.METRICS_COLLECTIONS.labels(source, "error").inc()
                 return
             except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as error:
