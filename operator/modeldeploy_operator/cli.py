@@ -36,13 +36,15 @@ def run(settings: config.OperatorSettings) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     prometheus_client.start_http_server(settings.metrics_port, addr=settings.bind_address)
     elector = _lead(settings) if settings.leader_election_namespace else None
+    memo = handlers.memo(settings)
     try:
         kopf.run(
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=True,
             liveness_endpoint=f"http://{settings.bind_address}:{settings.health_port}/healthz",
-            memo=handlers.memo(settings),
+            memo=memo,
+            insights=memo.insights,
         )
     finally:
         if elector is not None:

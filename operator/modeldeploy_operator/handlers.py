@@ -56,9 +56,38 @@ class Dependencies:
 
 
 def memo(settings: config.OperatorSettings) -> kopf.Memo:
-    """The memo `modeldeploy run` starts kopf with: its validated settings. Started any other way
-    (`kopf run -m modeldeploy_operator.handlers`), the operator reads them from the environment."""
-    return kopf.Memo(settings=settings)
+    """The memo `modeldeploy run` starts kopf with: its validated settings, and the insights
+    (what the cluster serves) it gives kopf.run. Started any other way (`kopf run -m
+    modeldeploy_operator.handlers`), the operator reads its settings from the environment, and
+    a CRD installed after the start is seen after a restart only."""
+    from kopf._cogs.structs.references import Insights
+
+    return kopf.Memo(settings=settings, insights=Insights())
+
+
+async def _rediscover(memo: kopf.Memo, groups: set[str], settings: kopf.OperatorSettings) -> None:
+    """Asks the API server's discovery again what these API groups serve, and has kopf watch
+    what it finds. Without it a CRD installed after the start (the Gateway API's) is unknown to
+    kopf until a restart: it scans once at the start, as it may not watch the CRDs (least
+    privilege), and discovery needs no permission. kopf does this when it watches the CRDs; its
+    functions for it are not public, hence the private imports, here only."""
+    insights = memo.get("insights")
+    if insights is None:
+        return
+    from kopf._cogs.clients import scanning
+    from kopf._core.reactor import observation
+
+    for group in groups:
+        resources = await scanning.scan_resources(groups={group}, settings=settings, logger=logger)
+        async with insights.revised:
+            observation.revise_resources(
+                resources=resources,
+                insights=insights,
+                registry=kopf.get_default_registry(),
+                group=group,
+            )
+            await insights.backbone.fill(resources=resources)
+            insights.revised.notify_all()
 
 
 def _settings(memo: kopf.Memo) -> config.OperatorSettings:
@@ -85,9 +114,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Peering would write a KopfPeering object every minute; `modeldeploy run` elects one active
     # replica with a Lease instead (leader.py), before kopf starts.
     settings.peering.standalone = True
-    # kopf watches the CRDs (read-only), so that a kind installed after the start (the Gateway
-    # API's HTTPRoute) is watched and indexed from then on, without a restart.
-    settings.scanning.disabled = False
+    # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
+    # logs the 403s and falls back to what it does now: namespaces given by exact name only.
+    # A CRD installed after the start is found by asking discovery again (see _rediscover).
+    settings.scanning.disabled = True
     # An object's kopf worker (and the last body it saw) lingers this long after its last event.
     settings.queueing.idle_timeout = 1.0
     # A watch that cannot reconnect tries these intervals over and over: after an outage the
@@ -96,7 +126,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.startup()
-async def start(memo: kopf.Memo, **indexes: Any) -> None:
+async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **indexes: Any) -> None:
     operator = _settings(memo)
     client = kube.Kube.shared(operator.kubeconfig, operator.context)
     source: collect.Source = (
@@ -118,10 +148,24 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:
         max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"
     )
 
+    scanned: dict[str, float] = {}  # API group -> when it was last rediscovered
+
     async def handle(key: Key, gone: set[builders.Kind]) -> None:
-        if await _reconcile(reconciler, executor, indexes, key, gone):
-            # A kind it needs is not served: installing its CRD raises no event of ours.
-            queue.add_after(key, UNSERVED_RECHECK_S)
+        unserved = await _reconcile(reconciler, executor, indexes, key, gone)
+        if not unserved:
+            return
+        # Installing the CRDs raises no event of ours: ask discovery again (once per group and
+        # interval, however many objects wait), and reconcile this object again after that.
+        now = asyncio.get_running_loop().time()
+        groups = {
+            k.group for k in unserved if now - scanned.get(k.group, -1e9) >= UNSERVED_RECHECK_S
+        }
+        scanned.update(dict.fromkeys(groups, now))
+        try:
+            await _rediscover(memo, groups, settings)
+        except Exception as error:  # the next recheck tries again
+            logger.warning("rediscovering %s: %s", ", ".join(sorted(groups)), error)
+        queue.add_after(key, UNSERVED_RECHECK_S)
 
     def failed(key: Key, error: BaseException, retry_in: float | None) -> None:
         if retry_in is None:
@@ -152,22 +196,22 @@ async def _reconcile(
     indexes: Mapping[str, Any],
     key: Key,
     gone: set[builders.Kind],
-) -> bool:
-    """One reconcile, from what the indexes hold now (read here, on the event loop); True when
-    it should be tried again later (see Reconciler.reconcile)."""
+) -> set[builders.Kind]:
+    """One reconcile, from what the indexes hold now (read here, on the event loop); returns
+    the kinds it needs that are not served (see Reconciler.reconcile)."""
     mds = list(indexes["model_deployments_index"].get(key, []))
     if not mds:
-        return False  # deleted meanwhile: the garbage collector removes the children
+        return set()  # deleted meanwhile: the garbage collector removes the children
     md = mds[0]
     observed = _observed(indexes, key, md["metadata"]["uid"])
 
-    def run() -> bool:
+    def run() -> set[builders.Kind]:
         current: api.Object | None = md
         if gone:
             # The owner may be gone already with its deletion not yet seen by our watch: do not
             # recreate a child the garbage collector just removed.
             current = reconciler.reread(*key)
-        return current is not None and reconciler.reconcile(current, observed, gone=gone)
+        return set() if current is None else reconciler.reconcile(current, observed, gone=gone)
 
     return await asyncio.get_running_loop().run_in_executor(executor, run)
 

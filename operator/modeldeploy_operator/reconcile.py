@@ -67,12 +67,13 @@ class Reconciler:
 
     def reconcile(
         self, md: Mapping[str, Any], observed: Observed, gone: Collection[builders.Kind] = ()
-    ) -> bool:
-        """Converges one object; `gone` names the child kinds just seen deleted. True when it
-        should be reconciled again later without an event: a kind it needs is not served (yet)."""
+    ) -> set[builders.Kind]:
+        """Converges one object; `gone` names the child kinds just seen deleted. Returns the
+        kinds it needs that the cluster does not serve (yet): it should be reconciled again
+        later, as installing their CRDs raises no event of ours."""
         metadata = md["metadata"]
         if metadata.get("deletionTimestamp"):
-            return False  # the garbage collector removes the children
+            return set()  # the garbage collector removes the children
         key = (metadata["namespace"], metadata["name"])
         with self._lock(key), opmetrics.RECONCILE_DURATION.time():
             for kind in gone:
@@ -91,7 +92,7 @@ class Reconciler:
                 opmetrics.RECONCILES.labels("error").inc()
                 raise
             opmetrics.RECONCILES.labels("success" if valid else "invalid").inc()
-            return bool(unserved)
+            return unserved
 
     def _latest(self, key: Key, kind: builders.Kind, seen: api.Object | None) -> api.Object | None:
         """The newer of what the watch shows and what our last apply returned.
