@@ -22,6 +22,7 @@ come back together.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -187,6 +188,13 @@ class Kube:
         loaded.connection_pool_maxsize = pool
         self._client = k8s.ApiClient(loaded)
         self._client.user_agent = USER_AGENT
+        # Requests with a deadline of their own (the Lease's) are never repeated behind the
+        # caller's back: its deadline is what makes a leader step down in time.
+        once = copy.deepcopy(loaded)
+        once.retries = False
+        once.connection_pool_maxsize = 1
+        self._once = k8s.ApiClient(once)
+        self._once.user_agent = USER_AGENT
         self._timeout = timeout
         self._reporting_instance = socket.gethostname()
 
@@ -214,11 +222,11 @@ class Kube:
         content_type: str = "application/json",
         timeout: float | None = None,
     ) -> api.Object:
-        budget = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+        client = self._client if timeout is None else self._once
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         for attempt in range(1, MAX_THROTTLED_RETRIES + 2):
-            request = self._client.param_serialize(
+            request = client.param_serialize(
                 method,
                 path,
                 query_params=query or [],
@@ -229,7 +237,7 @@ class Kube:
             opmetrics.API_REQUESTS.labels(method, resource).inc()
             left = deadline - time.monotonic()
             try:
-                response = self._client.call_api(*request, _request_timeout=max(left, 0.1))
+                response = client.call_api(*request, _request_timeout=max(left, 0.1))
                 response.read()  # type: ignore[no-untyped-call]
             except k8s.ApiException as error:  # raised without an answer (TLS and the like)
                 raise ApiError(
