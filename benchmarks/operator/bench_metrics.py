@@ -179,43 +179,102 @@ def _old_queries(target: collect.Target, window: str) -> dict[str, str]:
 
 
 async def _per_object_round(
-    url: str, targets: list[collect.Target]
-) -> tuple[dict[str, float | None], int, float]:
-    """One round the old way: 5 queries per target, 32 targets at a time (MetricsLoop's limit)."""
+    url: str, targets: list[collect.Target], at: float | None = None
+) -> tuple[dict[str, telemetry.Summary | None], int, float]:
+    """One round the old way: 5 queries per target, 32 targets at a time (MetricsLoop's limit);
+    `at`: evaluated at that instant instead of now."""
     limit = asyncio.Semaphore(32)
     sent = 0
-    rps: dict[str, float | None] = {}
+    summaries: dict[str, telemetry.Summary | None] = {}
     async with aiohttp.ClientSession() as session:
 
         async def one(target: collect.Target) -> None:
             nonlocal sent
             async with limit:
-                values = {}
+                values: dict[str, float | None] = {}
                 for name, promql in _old_queries(target, f"{WINDOW_S}s").items():
                     sent += 1
-                    async with session.get(f"{url}/api/v1/query", params={"query": promql}) as r:
+                    params = {"query": promql} | ({"time": str(at)} if at else {})
+                    async with session.get(f"{url}/api/v1/query", params=params) as r:
                         result = (await r.json())["data"]["result"]
-                    values[name] = float(result[0]["value"][1]) if result else None
-                rps[target.name] = values["rps"]
+                    value = float(result[0]["value"][1]) if result else None
+                    values[name] = None if value != value else value  # NaN: no traffic
+                rps = values["rps"]
+                summaries[target.name] = (
+                    None
+                    if rps is None
+                    else telemetry.Summary(
+                        requests_per_second=rps,
+                        latency_p50_ms=None if values["p50"] is None else values["p50"] * 1000,
+                        latency_p99_ms=None if values["p99"] is None else values["p99"] * 1000,
+                        mean_batch_size=values["batch"],
+                        error_rate=(values["failed"] or 0.0) / rps if rps else 0.0,
+                    )
+                )
 
         started = time.monotonic()
         await asyncio.gather(*(one(t) for t in targets))
-        return rps, sent, time.monotonic() - started
+        return summaries, sent, time.monotonic() - started
 
 
-async def _grouped_round(
-    url: str, targets: list[collect.Target]
-) -> tuple[dict[str, float | None], int, float]:
+async def _grouped_round(url: str, targets: list[collect.Target]) -> tuple[int, float]:
+    """One round as the operator does it: PrometheusSource, refreshed once, then per target."""
     source = collect.PrometheusSource(url, WINDOW_S)
     try:
         started = time.monotonic()
         await source.refresh(targets)
-        summaries = {t.name: await source.summary(t) for t in targets}
-        elapsed = time.monotonic() - started
+        for target in targets:
+            await source.summary(target)
+        return source.queries_sent, time.monotonic() - started
     finally:
         await source.close()
-    rps = {name: None if s is None else s.requests_per_second for name, s in summaries.items()}
-    return rps, source.queries_sent, elapsed
+
+
+async def _grouped_at(
+    url: str, targets: list[collect.Target], at: float
+) -> dict[str, telemetry.Summary | None]:
+    """The operator's grouped queries and split, evaluated at the instant `at`."""
+    queries = collect.PrometheusSource(url, WINDOW_S).queries(t.namespace for t in targets)
+    answers = {}
+    async with aiohttp.ClientSession() as session:
+        for name, promql in queries.items():
+            params = {"query": promql, "time": str(at)}
+            async with session.get(f"{url}/api/v1/query", params=params) as r:
+                answers[name] = (await r.json())["data"]["result"]
+    split = collect.split(answers)
+    return {
+        t.name: telemetry.summarise(split[key], 1.0)
+        if (key := (t.namespace, t.name, t.model)) in split
+        else None
+        for t in targets
+    }
+
+
+def _same(a: telemetry.Summary | None, b: telemetry.Summary | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    for x, y in zip(
+        (
+            a.requests_per_second,
+            a.latency_p50_ms,
+            a.latency_p99_ms,
+            a.mean_batch_size,
+            a.error_rate,
+        ),
+        (
+            b.requests_per_second,
+            b.latency_p50_ms,
+            b.latency_p99_ms,
+            b.mean_batch_size,
+            b.error_rate,
+        ),
+        strict=True,
+    ):
+        if (x is None) != (y is None) or (
+            x is not None and y is not None and abs(x - y) > 1e-6 * max(1.0, abs(x))
+        ):
+            return False
+    return True
 
 
 def main() -> int:
@@ -228,33 +287,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as folder:
         prometheus, url = _prometheus(count, pods_port, Path(folder))
         try:
-            # Every pod scraped, then enough scrapes more for a rate over the window.
+            # Every pod scraped, then a full window of scrapes: steady rates.
             deadline = time.monotonic() + 300
             while not _scraped_all(url, count):
                 if time.monotonic() > deadline:
                     raise SystemExit("Prometheus did not scrape every pod in time")
                 time.sleep(1)
-            time.sleep(WINDOW_S + 2 * SCRAPE_S)  # a full window: steady rates
+            time.sleep(WINDOW_S + 2 * SCRAPE_S)
             targets = [collect.Target(NAMESPACE, f"m{i}", f"m{i}", {}) for i in range(count)]
-            grouped, grouped_sent, grouped_s = asyncio.run(_grouped_round(url, targets))
-            old, old_sent, old_s = asyncio.run(_per_object_round(url, targets))
+            grouped_sent, grouped_s = asyncio.run(_grouped_round(url, targets))
+            _, old_sent, old_s = asyncio.run(_per_object_round(url, targets))
+            # The same figures both ways, evaluated at one instant.
+            at = time.time()
+            old = asyncio.run(_per_object_round(url, targets, at))[0]
+            grouped = asyncio.run(_grouped_at(url, targets, at))
         finally:
             prometheus.terminate()
             prometheus.wait(timeout=30)
             pods.close()
-    agree = sum(
-        1
-        for name, value in old.items()
-        if value is not None
-        and grouped.get(name) is not None
-        and abs(value - (grouped[name] or 0.0)) <= 0.05 * max(value, 1e-9)
-    )
+    same = sum(_same(old[t.name], grouped[t.name]) for t in targets)
     print(f"{count} ModelDeployments, one collection round against Prometheus ({url}):")
     print(f"{'':14} {'queries':>8} {'seconds':>8}")
     print(f"{'per object':14} {old_sent:>8} {old_s:>8.2f}")
     print(f"{'grouped':14} {grouped_sent:>8} {grouped_s:>8.2f}")
-    print(f"requests/s agree within 5% (the rounds are seconds apart): {agree}/{count}")
-    return 0 if agree >= 0.95 * count else 1
+    print(f"same summaries at one instant (rate, p50, p99, batch, errors): {same}/{count}")
+    return 0 if same == count else 1
 
 
 if __name__ == "__main__":
