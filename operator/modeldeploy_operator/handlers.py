@@ -308,9 +308,48 @@ def _index_pod(
             },
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
-        "status": copy.deepcopy(dict(status)),
+        "status": _slim_pod_status(status),
     }
     return {(namespace or "", instance): summary}
+
+
+_CONDITION_KEYS = ("type", "status", "reason", "message")
+_TERMINATED_KEYS = ("exitCode", "reason", "message")
+
+
+def _slim_pod_status(status: Mapping[str, Any]) -> api.Object:
+    """What the status computation and the metrics read of a pod's status: its address, its
+    conditions and why its containers wait or exited (a pod's status is most of its size)."""
+
+    def container(c: Mapping[str, Any]) -> api.Object:
+        state = c.get("state") or {}
+        slim: api.Object = {"name": c.get("name"), "state": {}}
+        if "waiting" in state:
+            waiting = state["waiting"] or {}
+            slim["state"]["waiting"] = {
+                k: waiting[k] for k in ("reason", "message") if k in waiting
+            }
+        if "terminated" in state:
+            terminated = state["terminated"] or {}
+            slim["state"]["terminated"] = {
+                k: terminated[k] for k in _TERMINATED_KEYS if k in terminated
+            }
+        last = (c.get("lastState") or {}).get("terminated")
+        if last:
+            slim["lastState"] = {"terminated": {k: last[k] for k in _TERMINATED_KEYS if k in last}}
+        return slim
+
+    slim: api.Object = {
+        "conditions": [
+            {k: c[k] for k in _CONDITION_KEYS if k in c} for c in status.get("conditions") or []
+        ],
+    }
+    if status.get("podIP"):
+        slim["podIP"] = status["podIP"]
+    for key in ("initContainerStatuses", "containerStatuses"):
+        if status.get(key):
+            slim[key] = [container(c) for c in status[key]]
+    return slim
 
 
 for _kind in builders.CHILD_KINDS:
