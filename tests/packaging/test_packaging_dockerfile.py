@@ -265,7 +265,7 @@ def _direct_deployment_answers(venv: Path, env: dict[str, str], work: Path) -> N
     [
         (
             "operator",
-            ["onnxruntime", "kubernetes", "modeldeploy_dev", "cryptography", "pytest"],
+            ["onnxruntime", "modeldeploy_dev", "cryptography", "pytest"],
             "modeldeploy_operator.handlers",
         ),
         (
