@@ -107,7 +107,10 @@ def configuration(kubeconfig: str | None = None, context: str | None = None) -> 
     """
     loaded = k8s.Configuration()
     if kubeconfig is None and context is None and in_cluster():
-        k8s_config.load_incluster_config(client_configuration=loaded)  # type: ignore[no-untyped-call]
+        try:
+            k8s_config.load_incluster_config(client_configuration=loaded)  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException as error:
+            raise RuntimeError(f"cannot use the pod's service account: {error}") from error
         return loaded
     path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
