@@ -298,7 +298,7 @@ def main() -> int:
             grouped_sent, grouped_s = asyncio.run(_grouped_round(url, targets))
             _, old_sent, old_s = asyncio.run(_per_object_round(url, targets))
             # The same figures both ways, evaluated at one instant.
-            at = time.time()
+            at = time.time() - 2 * SCRAPE_S  # an instant whose scrapes are all stored
             old = asyncio.run(_per_object_round(url, targets, at))[0]
             grouped = asyncio.run(_grouped_at(url, targets, at))
         finally:
@@ -311,6 +311,10 @@ def main() -> int:
     print(f"{'per object':14} {old_sent:>8} {old_s:>8.2f}")
     print(f"{'grouped':14} {grouped_sent:>8} {grouped_s:>8.2f}")
     print(f"same summaries at one instant (rate, p50, p99, batch, errors): {same}/{count}")
+    for t in [t for t in targets if not _same(old[t.name], grouped[t.name])][:3]:
+        print(
+            f"  {t.name}: per object {old[t.name]}\n  {'':{len(t.name)}}  grouped    {grouped[t.name]}"
+        )
     return 0 if same == count else 1
 
 
