@@ -37,7 +37,7 @@ _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
 _CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
 Key = tuple[str, str]
-# How often a ModelDeployment that needs a kind the cluster does not serve checks again.
+# How often discovery is asked again while a ModelDeployment needs a kind not served.
 UNSERVED_RECHECK_S = 10.0
 Queue = workqueue.WorkQueue[Key, builders.Kind]
 
@@ -65,29 +65,34 @@ def memo(settings: config.OperatorSettings) -> kopf.Memo:
     return kopf.Memo(settings=settings, insights=Insights())
 
 
-async def _rediscover(memo: kopf.Memo, groups: set[str], settings: kopf.OperatorSettings) -> None:
-    """Asks the API server's discovery again what these API groups serve, and has kopf watch
-    what it finds. Without it a CRD installed after the start (the Gateway API's) is unknown to
-    kopf until a restart: it scans once at the start, as it may not watch the CRDs (least
-    privilege), and discovery needs no permission. kopf does this when it watches the CRDs; its
-    functions for it are not public, hence the private imports, here only."""
+async def _rediscover(memo: kopf.Memo, group: str, settings: kopf.OperatorSettings) -> bool:
+    """Asks the API server's discovery again what an API group serves; when it serves something
+    now, has kopf watch it and returns True.
+
+    Without it a CRD installed after the start (the Gateway API's) is unknown to kopf until a
+    restart: kopf scans once at the start, as it may not watch the CRDs (least privilege), and
+    discovery needs no permission. kopf does the same when it watches the CRDs; its functions
+    for it are not public, hence the private imports, here only."""
     insights = memo.get("insights")
     if insights is None:
-        return
+        return False
     from kopf._cogs.clients import scanning
     from kopf._core.reactor import observation
 
-    for group in groups:
-        resources = await scanning.scan_resources(groups={group}, settings=settings, logger=logger)
-        async with insights.revised:
-            observation.revise_resources(
-                resources=resources,
-                insights=insights,
-                registry=kopf.get_default_registry(),
-                group=group,
-            )
-            await insights.backbone.fill(resources=resources)
-            insights.revised.notify_all()
+    resources = await scanning.scan_resources(groups={group}, settings=settings, logger=logger)
+    if not resources:
+        return False
+    async with insights.revised:
+        observation.revise_resources(
+            resources=resources,
+            insights=insights,
+            registry=kopf.get_default_registry(),
+            group=group,
+        )
+        await insights.backbone.fill(resources=resources)
+        insights.revised.notify_all()
+    logger.info("API group %s is served now: watching its kinds", group)
+    return True
 
 
 def _settings(memo: kopf.Memo) -> config.OperatorSettings:
@@ -148,24 +153,33 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **indexes: Any
         max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"
     )
 
-    scanned: dict[str, float] = {}  # API group -> when it was last rediscovered
+    # API group -> the ModelDeployments that wait for it to be served
+    waiting: dict[str, set[Key]] = {}
+    tasks: list[asyncio.Task[None]] = []
+
+    async def wait_for_group(group: str) -> None:
+        """Asks discovery every few seconds until the group is served; then kopf watches its
+        kinds, and the objects that wait for it are reconciled again."""
+        while True:
+            await asyncio.sleep(UNSERVED_RECHECK_S)
+            try:
+                if not await _rediscover(memo, group, settings):
+                    continue
+            except Exception as error:  # asked again at the next interval
+                logger.warning("discovery of API group %s: %s", group, error)
+                continue
+            for key in waiting.pop(group, set()):
+                await queue.add(key)
+            return
 
     async def handle(key: Key, gone: set[builders.Kind]) -> None:
         unserved = await _reconcile(reconciler, executor, indexes, key, gone)
-        if not unserved:
-            return
-        # Installing the CRDs raises no event of ours: ask discovery again (once per group and
-        # interval, however many objects wait), and reconcile this object again after that.
-        now = asyncio.get_running_loop().time()
-        groups = {
-            k.group for k in unserved if now - scanned.get(k.group, -1e9) >= UNSERVED_RECHECK_S
-        }
-        scanned.update(dict.fromkeys(groups, now))
-        try:
-            await _rediscover(memo, groups, settings)
-        except Exception as error:  # the next recheck tries again
-            logger.warning("rediscovering %s: %s", ", ".join(sorted(groups)), error)
-        queue.add_after(key, UNSERVED_RECHECK_S)
+        if memo.get("insights") is None:
+            return  # started by `kopf run`: a CRD installed later needs a restart
+        for group in {kind.group for kind in unserved}:
+            if group not in waiting:
+                tasks.append(asyncio.create_task(wait_for_group(group)))
+            waiting.setdefault(group, set()).add(key)
 
     def failed(key: Key, error: BaseException, retry_in: float | None) -> None:
         if retry_in is None:
@@ -186,8 +200,9 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **indexes: Any
         queue=queue,
         metrics=metrics,
         executor=executor,
-        tasks=[*map(asyncio.create_task, [metrics.run(), resync, *workers])],
+        tasks=tasks,
     )
+    tasks.extend(map(asyncio.create_task, [metrics.run(), resync, *workers]))
 
 
 async def _reconcile(

@@ -128,7 +128,12 @@ def test_the_gateway_api_installed_after_the_start_is_picked_up_without_a_restar
             timeout=90,
         )
         ingress.up(localcluster.paths(), build.binaries())  # the CRDs, Traefik and its Gateway
-        md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
+        try:
+            md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
+        except AssertionError as error:
+            route = get(cluster, namespace, "httproute", "iris")
+            state = (get(cluster, namespace, "md", "iris") or {}).get("status")
+            raise AssertionError(f"{error}\nstatus: {state}\nroute: {route}") from None
         assert md["status"]["url"] == "http://iris.example.com/iris/v2/models/iris"
         assert condition(md, "Stalled").get("status") != "True"
         route = get(cluster, namespace, "httproute", "iris")
