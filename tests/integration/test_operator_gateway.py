@@ -4,6 +4,7 @@ status says so. (tests/e2e/test_e2e_gateway.py sends traffic through it.)"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,13 @@ def test_the_gateway_api_installed_after_the_start_is_picked_up_without_a_restar
             timeout=90,
         )
         ingress.up(localcluster.paths(), build.binaries())  # the CRDs, Traefik and its Gateway
+        # Traefik, just started, may judge the route before its cache has the Service's
+        # EndpointSlices ("endpointslices not found") and not look again until the route changes:
+        # once it has answered, a touch of the route (not a field of ours) has it look again.
+        wait_for("Traefik's answer", lambda: _route_condition(
+            get(cluster, namespace, "httproute", "iris"), "ResolvedRefs"), timeout=90)  # fmt: skip
+        cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
+                        f"test/touched={time.time()}")  # fmt: skip
         try:
             md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
         except AssertionError as error:
