@@ -312,9 +312,8 @@ def main() -> int:
     print(f"{'grouped':14} {grouped_sent:>8} {grouped_s:>8.2f}")
     print(f"same summaries at one instant (rate, p50, p99, batch, errors): {same}/{count}")
     for t in [t for t in targets if not _same(old[t.name], grouped[t.name])][:3]:
-        print(
-            f"  {t.name}: per object {old[t.name]}\n  {'':{len(t.name)}}  grouped    {grouped[t.name]}"
-        )
+        print(f"  {t.name}: per object {old[t.name]}")
+        print(f"  {t.name}: grouped    {grouped[t.name]}")
     return 0 if same == count else 1
 
 
