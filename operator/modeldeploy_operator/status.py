@@ -20,8 +20,8 @@ _DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 _BROKEN_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
 GATEWAY_API_MISSING = (
     "spec.gateway needs the Gateway API, which this cluster does not serve (no "
-    "gateway.networking.k8s.io/v1 HTTPRoute): install its CRDs (standard channel), then restart "
-    "the operator; everything else is served without the HTTPRoute"
+    "gateway.networking.k8s.io/v1 HTTPRoute): install its CRDs (standard channel): the operator "
+    "picks them up, no restart needed; everything else is served without the HTTPRoute"
 )
 # The HTTPRoute parent conditions that must be True for the route to carry traffic.
 _ROUTE_CONDITIONS = ("Accepted", "ResolvedRefs")

@@ -285,3 +285,72 @@ def test_missing_gateway_api_is_explained_and_the_rest_is_still_reported() -> No
     assert "install its CRDs" in ready.message and "HTTPRoute" in ready.message
     assert _conditions(result)["Stalled"].status == "True"
     assert result.replica_summary == "2/2"
+
+
+_FULL_STATUSES: list[dict[str, Any]] = [
+    # Pending: the scheduler's reason (as a v1.34 API server returns it, every field).
+    {
+        "phase": "Pending",
+        "qosClass": "Burstable",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": UNSCHEDULABLE, "lastProbeTime": None,
+             "lastTransitionTime": "2030-01-01T00:00:00Z", "observedGeneration": 1},
+        ],
+    },
+    # The model fetch failed: the init container exited, and waits to be restarted.
+    {
+        "phase": "Pending", "hostIP": "10.0.0.1", "podIP": "10.1.0.7",
+        "podIPs": [{"ip": "10.1.0.7"}], "startTime": "2030-01-01T00:00:00Z",
+        "initContainerStatuses": [
+            {"name": "fetch-model", "image": "runtime:1", "imageID": "sha256:1",
+             "containerID": "containerd://1", "ready": False, "restartCount": 3, "started": False,
+             "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+             "lastState": {"terminated": {"exitCode": 2, "reason": "Error",
+                                          "message": "s3://m/iris.onnx: NoSuchKey\n",
+                                          "startedAt": "2030-01-01T00:00:00Z",
+                                          "finishedAt": "2030-01-01T00:00:01Z",
+                                          "containerID": "containerd://1"}},
+             "volumeMounts": [{"name": "model", "mountPath": "/models"}]},
+        ],
+    },
+    # The image cannot be pulled.
+    {
+        "phase": "Pending", "podIP": "10.1.0.8",
+        "containerStatuses": [
+            {"name": "runtime", "image": "runtime:nope", "imageID": "", "ready": False,
+             "restartCount": 0, "started": False,
+             "state": {"waiting": {"reason": "ImagePullBackOff",
+                                   "message": 'Back-off pulling image "runtime:nope"'}}},
+        ],
+    },
+    # Serving.
+    {
+        "phase": "Running", "podIP": "10.1.0.9",
+        "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": None,
+                        "lastTransitionTime": "2030-01-01T00:00:00Z"}],
+        "containerStatuses": [
+            {"name": "runtime", "image": "runtime:1", "imageID": "sha256:1", "ready": True,
+             "restartCount": 0, "started": True,
+             "state": {"running": {"startedAt": "2030-01-01T00:00:00Z"}},
+             "allocatedResources": {"cpu": "1"}, "resources": {"limits": {"cpu": "1"}}},
+        ],
+    },
+]  # fmt: skip
+
+
+def test_the_indexed_pod_summary_gives_the_same_status_and_metrics_targets() -> None:
+    """The pod index keeps only part of a pod's status: what it drops changes nothing the
+    status computation or the metrics collection conclude."""
+    from modeldeploy_operator import collect, handlers
+
+    for full in _FULL_STATUSES:
+        slim = handlers._slim_pod_status(full)
+        assert len(repr(slim)) < len(repr(full))
+        for deployment in (_deployment(ready=0), _deployment(ready=2)):
+            assert _compute(deployment=deployment, pods=[_pod(**slim)]) == _compute(
+                deployment=deployment, pods=[_pod(**full)]
+            ), full
+        assert collect.ready_pod_urls([_pod(**slim)], 8080) == collect.ready_pod_urls(
+            [_pod(**full)], 8080
+        )
