@@ -21,6 +21,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from modeldeploy_contract import flags, paths, values
 
+# Flags given as JSON, and what each looks like (for the error).
+_JSON_EXAMPLES = {
+    "padding": '{"inputs": {"ids": {"axis": 1}}}',
+    "warmup_shapes": '{"x": [1, 3, 224, 224]}',
+}
+
 
 class Quantization(enum.StrEnum):
     NONE = "none"
@@ -139,26 +145,16 @@ class ServeSettings(BaseSettings):
                 ) from None
         return value
 
-    @pydantic.field_validator("padding", mode="before")
+    @pydantic.field_validator("padding", "warmup_shapes", mode="before")
     @classmethod
-    def _parse_padding(cls, value: Any) -> Any:
+    def _parse_json(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"padding must be a JSON object: {error}") from None
-        return value
-
-    @pydantic.field_validator("warmup_shapes", mode="before")
-    @classmethod
-    def _parse_shapes(cls, value: Any) -> Any:
-        if isinstance(value, str):
+            example = _JSON_EXAMPLES[info.field_name or ""]
             try:
                 return json.loads(value)
             except ValueError:
                 raise ValueError(
-                    'warmup_shapes must be a JSON object of input shapes, e.g. {"x": [1, 3]}, '
-                    f"not {value!r}"
+                    f"{info.field_name} must be a JSON object, e.g. {example}, not {value!r}"
                 ) from None
         return value
 
