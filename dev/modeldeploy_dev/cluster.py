@@ -466,7 +466,7 @@ def up() -> Paths:
     ingress.down(state)
     _stop_node(state)
     _stop_processes(state)
-    network.setup()
+    network.setup(APISERVER_PORT)
     if not all((state.pki / f"{stem}.crt").is_file() for stem, _, _ in pki.CLIENTS):
         # An older cluster's PKI lacks a newer component's identity: start that cluster afresh.
         subprocess.run(["rm", "-rf", str(state.root)], check=True)

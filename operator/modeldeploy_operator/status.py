@@ -247,6 +247,8 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
                         f"{container['name']}: {waiting.get('message', waiting['reason'])}",
                     )
                 if crashed and (waiting.get("reason") in _BROKEN_WAITING or "terminated" in state):
+                    if terminated.get("reason") == "OOMKilled":
+                        return _oom_killed(pod, container, terminated)
                     detail = terminated.get("message") or terminated.get("reason", "error")
                     return Verdict(
                         False,
@@ -256,6 +258,23 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
                         f"{detail.strip()}",
                     )
     return None
+
+
+def _oom_killed(pod: api.Object, container: api.Object, terminated: api.Object) -> Verdict:
+    """The kernel killed the container at its memory limit: say which limit, and its last state."""
+    spec = pod.get("spec", {})
+    specs = spec.get("initContainers", []) + spec.get("containers", [])
+    limits = next((c.get("resources", {}).get("limits", {}) for c in specs
+                   if c.get("name") == container["name"]), {})  # fmt: skip
+    limit = limits.get("memory", "none set")
+    return Verdict(
+        False,
+        True,
+        "OOMKilled",
+        f"{container['name']} was OOM-killed at its memory limit ({limit}); last state: "
+        f"terminated, reason OOMKilled, exit code {terminated.get('exitCode')}, finished at "
+        f"{terminated.get('finishedAt', 'unknown')}, restarts: {container.get('restartCount', 0)}",
+    )
 
 
 def _waiting(pods: list[api.Object], progress: str) -> Verdict:

@@ -119,6 +119,34 @@ def test_a_model_that_fails_to_fetch_stalls() -> None:
     assert conditions["Reconciling"].status == "False"
 
 
+def test_an_oom_killed_container_stalls_naming_its_limit_and_last_state() -> None:
+    killed = _pod(
+        containerStatuses=[
+            {
+                "name": "serve",
+                "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {
+                        "exitCode": 137,
+                        "reason": "OOMKilled",
+                        "finishedAt": "2026-12-05T01:00:00Z",
+                    }
+                },
+            }
+        ]
+    )
+    killed["spec"] = {
+        "containers": [{"name": "serve", "resources": {"limits": {"memory": "64Mi"}}}]
+    }
+    stalled = _conditions(_compute(deployment=_deployment(ready=0), pods=[killed]))["Stalled"]
+    assert (stalled.status, stalled.reason) == ("True", "OOMKilled")
+    assert stalled.message == (
+        "serve was OOM-killed at its memory limit (64Mi); last state: terminated, reason "
+        "OOMKilled, exit code 137, finished at 2026-12-05T01:00:00Z, restarts: 3"
+    )
+
+
 def test_pods_of_an_older_model_do_not_count() -> None:
     old = _pod(containerStatuses=[{"name": "runtime", "state": {"terminated": {"exitCode": 1}}}])
     old["metadata"]["annotations"] = {builders.ANNOTATION_MODEL_DIGEST: "older"}
