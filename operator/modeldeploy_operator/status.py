@@ -264,8 +264,10 @@ def _oom_killed(pod: api.Object, container: api.Object, terminated: api.Object) 
     """The kernel killed the container at its memory limit: say which limit, and its last state."""
     spec = pod.get("spec", {})
     specs = spec.get("initContainers", []) + spec.get("containers", [])
-    limits = next((c.get("resources", {}).get("limits", {}) for c in specs
-                   if c.get("name") == container["name"]), {})  # fmt: skip
+    limits: api.Object = next(
+        (c.get("resources", {}).get("limits", {}) for c in specs if c["name"] == container["name"]),
+        {},
+    )
     limit = limits.get("memory", "none set")
     return Verdict(
         False,
