@@ -41,6 +41,12 @@ TAINT = {"key": NAMESPACE_LABEL, "value": NAMESPACE_VALUE, "effect": "NoSchedule
 POD_RANGE = ("10.244.128.1", "10.244.255.254")
 CGROUP_ROOT = "/modeldeploy-node"
 _CNI_NETWORK = "modeldeploy"
+API_SERVER_NAMES = (
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
 # The kubelet stops a pod's sandbox through CNI DEL; these tables stay behind empty.
 _CNI_TABLES = (("inet", "cni_plugins_masquerade"), ("ip", "cni_hostport"))
 _CGROUP_FS = Path("/sys/fs/cgroup")
@@ -369,6 +375,8 @@ def placement_policy() -> list[dict[str, Any]]:
     toleration = json.dumps(TAINT | {"operator": "Equal"})
     selector = json.dumps({NAMESPACE_LABEL: NAMESPACE_VALUE})
     key = f"jsonpatch.escapeKey('{NAMESPACE_LABEL}')"
+    names = json.dumps(list(API_SERVER_NAMES))
+    alias = f"{{'ip': dyn('{network.kubernetes_service_address()}'), 'hostnames': dyn({names})}}"
     patch = (
         "(has(object.spec.tolerations) ? "
         f"[JSONPatch{{op: 'add', path: '/spec/tolerations/-', value: {toleration}}}] : "
@@ -376,7 +384,12 @@ def placement_policy() -> list[dict[str, Any]]:
         "(has(object.spec.nodeSelector) ? "
         f"[JSONPatch{{op: 'add', path: '/spec/nodeSelector/' + {key}, "
         f"value: '{NAMESPACE_VALUE}'}}] : "
-        f"[JSONPatch{{op: 'add', path: '/spec/nodeSelector', value: {selector}}}])"
+        f"[JSONPatch{{op: 'add', path: '/spec/nodeSelector', value: {selector}}}]) + "
+        # No cluster DNS here: the API server's Service names resolve through /etc/hosts (kopf
+        # calls https://kubernetes.default.svc in a pod).
+        "(has(object.spec.hostAliases) ? "
+        f"[JSONPatch{{op: 'add', path: '/spec/hostAliases/-', value: {alias}}}] : "
+        f"[JSONPatch{{op: 'add', path: '/spec/hostAliases', value: [{alias}]}}])"
     )
     return [
         {

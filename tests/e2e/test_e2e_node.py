@@ -8,7 +8,9 @@ import hashlib
 import http.server
 import ipaddress
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +23,12 @@ import pytest
 import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
-from modeldeploy_dev import network, node
-from operator_helpers import apply_md, free_port, ready_md, wait_for
+from chart_helm import CHART, helm, set_flags
+from modeldeploy_dev import cluster as localcluster
+from modeldeploy_dev import images as localimages
+from modeldeploy_dev import ingress, network, node
+from modeldeploy_dev import registry as localregistry
+from operator_helpers import apply_md, free_port, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.node]
@@ -57,6 +63,18 @@ def model_server(demo_model: Path, tmp_path: Path) -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://{network.GATEWAY}:{server.server_address[1]}/iris.onnx"
     server.shutdown()
+
+
+@pytest.fixture
+def other_namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{time.time_ns() % 10**10:010d}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(
+        f"the default ServiceAccount in {name}",
+        lambda: cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture
@@ -131,3 +149,124 @@ def test_runtime_pods_run_as_restricted_containers_of_the_runtime_image(
     assert uid != "0" and capabilities == "0" and seccomp == "2", (uid, capabilities, seccomp)
     assert writable == "OSError" or writable.endswith("Error"), writable
     assert writable != "yes"
+
+
+def _holder(cluster: Cluster, namespace: str) -> str | None:
+    lease = get(cluster, namespace, "lease", "modeldeploy-operator") or {}
+    holder: str | None = lease.get("spec", {}).get("holderIdentity")
+    return holder
+
+
+def _container_pid(container_id: str) -> int:
+    """The host pid of a container on the node, from containerd (through crictl)."""
+    state = node.paths(localcluster.paths().root)
+    inspected = node.crictl(state, "inspect", container_id.removeprefix("containerd://"))
+    return int(json.loads(inspected.stdout)["info"]["pid"])
+
+
+def test_the_chart_runs_two_operators_in_pods_that_serve_through_traefik_and_hand_over(
+    cluster: Cluster,
+    namespace: str,
+    other_namespace: str,
+    demo_model: Path,
+    model_server: str,
+    images: dict[str, localimages.Image],
+    pushed_images: dict[str, str],
+) -> None:
+    """helm install with the images built here; the operator pods work under the chart's
+    ServiceAccount and RBAC, with leader election; the runtime pods they make pass pod-security
+    `restricted`; tritonclient reaches the model at status.url through Traefik; status.metrics
+    comes live; killing the leader's container hands over; helm upgrade rolls the operator."""
+    operators, served = other_namespace, namespace
+    for name in (operators, served):
+        _on_node(cluster, name)
+    registry = pushed_images["operator"].partition("/")[0]
+    values = {
+        "image.repository": f"{registry}/{images['operator'].name}",
+        "image.tag": images["operator"].tag,
+        "runtimeImage.repository": f"{registry}/{images['runtime'].name}",
+        "runtimeImage.tag": images["runtime"].tag,
+        "rbac.scope": "namespace",
+        "watchNamespaces": [served],
+    }
+    release = f"md-{operators[-6:]}"
+    install = ["install", release, str(CHART), "-n", operators, "--wait", "--timeout", "180s"]
+    helm(*install, *set_flags(values), kubeconfig=cluster.kubeconfig)
+    try:
+        pods = _pods(cluster, operators)
+        assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {node.NAME}
+        names = {p["metadata"]["name"] for p in pods}
+        leader = wait_for("a leader", lambda: _holder(cluster, operators), timeout=60)
+        assert leader.rpartition("_")[0] in names or leader in names, (leader, names)
+
+        host = f"iris.{served}.example"
+        started = time.monotonic()
+        routed = _spec(model_server, demo_model, ingress={"host": host, "path": "/ml"})
+        apply_md(cluster, served, "iris", routed)
+        md = wait_for("iris Ready", lambda: ready_md(cluster, served, "iris"), timeout=180)
+        print(f"apply to Ready, operator in a pod: {time.monotonic() - started:.1f}s")
+        assert md["status"]["url"] == f"http://{host}/ml/v2/models/iris"
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{ingress.INGRESS_PORT}/ml")
+        headers = {"Host": host}
+        tensor = triton_http.InferInput("input", [2, 4], "FP32")
+        tensor.set_data_from_numpy(
+            np.array([[5.0, 3.4, 1.5, 0.2], [6.6, 3.0, 5.6, 2.0]], np.float32)
+        )
+
+        def answer() -> list[int] | None:
+            try:
+                result = client.infer("iris", [tensor], headers=headers).as_numpy("probabilities")
+            except Exception:
+                return None
+            return None if result is None else [int(i) for i in result.argmax(axis=1)]
+
+        assert wait_for("an answer through Traefik", answer, timeout=60) == [0, 2]
+
+        def live_metrics() -> dict[str, Any] | None:
+            answer()  # traffic for the operator's scrape of the pods to see
+            found: dict[str, Any] | None = (
+                (get(cluster, served, "md", "iris") or {}).get("status", {}).get("metrics")
+            )
+            return found if found and found.get("requestsPerSecond", 0) > 0 else None
+
+        # The operator in its pod scrapes the runtime pods itself (no Prometheus configured).
+        wait_for("status.metrics with traffic", live_metrics, timeout=150)
+
+        # Killing the leader's container: another replica takes the Lease within its term.
+        leader_pod = next(
+            p for p in _pods(cluster, operators) if leader.startswith(p["metadata"]["name"])
+        )
+        (status,) = leader_pod["status"]["containerStatuses"]
+        killed_at = time.monotonic()
+        os.kill(_container_pid(status["containerID"]), signal.SIGKILL)
+        successor = wait_for(
+            "another leader",
+            lambda: (
+                (h := _holder(cluster, operators))
+                and not h.startswith(leader_pod["metadata"]["name"])
+                and h
+            ),
+            timeout=60,
+        )
+        handover = time.monotonic() - killed_at
+        print(f"leader killed, {successor} took over in {handover:.1f}s")
+        assert handover <= 15 + 5
+
+        # helm upgrade to another tag of the operator image rolls both replicas; the new ones
+        # keep the status current.
+        retagged = f"{images['operator'].reference}-upgrade"
+        localimages.buildah("tag", images["operator"].reference, retagged)
+        localregistry.push(localimages.describe("operator", retagged))
+        upgrade = ["upgrade", release, str(CHART), "-n", operators, "--reuse-values", "--wait",
+                   "--timeout", "180s"]  # fmt: skip
+        helm(*upgrade, *set_flags({"image.tag": retagged.rpartition(":")[2]}),
+             kubeconfig=cluster.kubeconfig)  # fmt: skip
+        rolled = _pods(cluster, operators)
+        assert {p["metadata"]["name"] for p in rolled}.isdisjoint(names)
+        cluster.kubectl("patch", "md", "iris", "-n", served, "--type=merge",
+                        "-p", json.dumps({"spec": {"replicas": 2}}))  # fmt: skip
+        md = wait_for("iris Ready at 2 replicas", lambda: ready_md(cluster, served, "iris"), 180)
+        assert md["status"]["replicas"] == 2
+    finally:
+        helm("uninstall", release, "-n", operators, "--wait", kubeconfig=cluster.kubeconfig,
+             check=False)  # fmt: skip
