@@ -150,7 +150,7 @@ def _verdict(observation: Observation) -> Verdict:
         and pod["metadata"].get("annotations", {}).get(builders.ANNOTATION_MODEL_DIGEST)
         == builders.model_digest(spec)
     ]
-    failure = _pod_failure(current_pods)
+    failure = _pod_failure(current_pods, deployment)
     if failure:
         return failure
     route = _route_verdict(observation.owner, spec, observation.http_route)
@@ -224,7 +224,7 @@ def _same_parent(reported: api.Object, ref: api.ParentReference, owner: builders
     )
 
 
-def _pod_failure(pods: list[api.Object]) -> Verdict | None:
+def _pod_failure(pods: list[api.Object], deployment: api.Object) -> Verdict | None:
     """A pod of the current model whose model cannot be fetched or loaded, or image pulled."""
     for pod in pods:
         pod_status = pod.get("status", {})
@@ -248,7 +248,7 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
                     )
                 if crashed and (waiting.get("reason") in _BROKEN_WAITING or "terminated" in state):
                     if terminated.get("reason") == "OOMKilled":
-                        return _oom_killed(pod, container, terminated)
+                        return _oom_killed(deployment, container, terminated)
                     detail = terminated.get("message") or terminated.get("reason", "error")
                     return Verdict(
                         False,
@@ -260,9 +260,10 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
     return None
 
 
-def _oom_killed(pod: api.Object, container: api.Object, terminated: api.Object) -> Verdict:
-    """The kernel killed the container at its memory limit: say which limit, and its last state."""
-    spec = pod.get("spec", {})
+def _oom_killed(deployment: api.Object, container: api.Object, terminated: api.Object) -> Verdict:
+    """The kernel killed the container at its memory limit: say which limit (the pod template's:
+    the watched pods carry their status only), and the container's last state."""
+    spec = deployment.get("spec", {}).get("template", {}).get("spec", {})
     specs = spec.get("initContainers", []) + spec.get("containers", [])
     limits: api.Object = next(
         (c.get("resources", {}).get("limits", {}) for c in specs if c["name"] == container["name"]),

@@ -136,10 +136,10 @@ def test_an_oom_killed_container_stalls_naming_its_limit_and_last_state() -> Non
             }
         ]
     )
-    killed["spec"] = {
-        "containers": [{"name": "serve", "resources": {"limits": {"memory": "64Mi"}}}]
-    }
-    stalled = _conditions(_compute(deployment=_deployment(ready=0), pods=[killed]))["Stalled"]
+    deployment = _deployment(ready=0)
+    limited = {"name": "serve", "resources": {"limits": {"memory": "64Mi"}}}
+    deployment["spec"]["template"] = {"spec": {"containers": [limited]}}
+    stalled = _conditions(_compute(deployment=deployment, pods=[killed]))["Stalled"]
     assert (stalled.status, stalled.reason) == ("True", "OOMKilled")
     assert stalled.message == (
         "serve was OOM-killed at its memory limit (64Mi); last state: terminated, reason "
