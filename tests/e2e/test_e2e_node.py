@@ -32,7 +32,6 @@ from operator_helpers import apply_md, free_port, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.node]
-_POD_RANGE = ipaddress.ip_network("10.244.128.0/17")
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +104,7 @@ def _pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
 
 def _exec(cluster: Cluster, namespace: str, pod: str, script: str) -> str:
     return cluster.kubectl(
-        "exec", "-n", namespace, pod, "-c", "serve", "--", "python", "-c", script
+        "exec", "-n", namespace, pod, "-c", "runtime", "--", "python", "-c", script
     ).stdout.strip()
 
 
@@ -124,8 +123,9 @@ def test_runtime_pods_run_as_restricted_containers_of_the_runtime_image(
     print(f"apply to Ready on the real node: {time.monotonic() - started:.1f}s")
     (pod,) = _pods(cluster, namespace)
     assert pod["spec"]["nodeName"] == node.NAME
-    assert ipaddress.ip_address(pod["status"]["podIP"]) in _POD_RANGE
-    serve = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "serve")
+    first, last = (ipaddress.ip_address(a) for a in node.POD_RANGE)
+    assert first <= ipaddress.ip_address(pod["status"]["podIP"]) <= last
+    serve = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "runtime")
     assert serve["imageID"].endswith(pushed_images["runtime"].partition("@")[2])
 
     client = triton_http.InferenceServerClient(f"{pod['status']['podIP']}:8080")
