@@ -248,7 +248,9 @@ def test_the_chart_runs_two_operators_in_pods_that_serve_through_traefik_and_han
         )
         handover = time.monotonic() - killed_at
         print(f"leader killed, {successor} took over in {handover:.1f}s")
-        assert handover <= 15 + 5
+        # A standby counts the term from when it saw the last renewal (every 2 s), then tries
+        # every 2 s: the chart's 15 s lease plus up to three retry periods.
+        assert handover <= 15 + 3 * 2
 
         # helm upgrade to another tag of the operator image rolls both replicas; the new ones
         # keep the status current.
@@ -259,8 +261,11 @@ def test_the_chart_runs_two_operators_in_pods_that_serve_through_traefik_and_han
                    "--timeout", "180s"]  # fmt: skip
         helm(*upgrade, *set_flags({"image.tag": retagged.rpartition(":")[2]}),
              kubeconfig=cluster.kubeconfig)  # fmt: skip
-        rolled = _pods(cluster, operators)
-        assert {p["metadata"]["name"] for p in rolled}.isdisjoint(names)
+        rolled = [
+            p for p in _pods(cluster, operators) if not p["metadata"].get("deletionTimestamp")
+        ]
+        assert len(rolled) == 2 and {p["metadata"]["name"] for p in rolled}.isdisjoint(names)
+        assert all(p["spec"]["containers"][0]["image"].endswith("-upgrade") for p in rolled)
         cluster.kubectl("patch", "md", "iris", "-n", served, "--type=merge",
                         "-p", json.dumps({"spec": {"replicas": 2}}))  # fmt: skip
         md = wait_for("iris Ready at 2 replicas", lambda: ready_md(cluster, served, "iris"), 180)
