@@ -273,3 +273,44 @@ def test_the_chart_runs_two_operators_in_pods_that_serve_through_traefik_and_han
     finally:
         helm("uninstall", release, "-n", operators, "--wait", kubeconfig=cluster.kubeconfig,
              check=False)  # fmt: skip
+
+
+def _stalled(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    md = get(cluster, namespace, "md", name) or {}
+    conditions = md.get("status", {}).get("conditions", [])
+    found = next((c for c in conditions if c["type"] == "Stalled"), None)
+    return found if found and found["status"] == "True" else None
+
+
+def test_a_memory_limit_too_small_for_the_model_is_oom_killed_and_named_in_the_status(
+    cluster: Cluster,
+    namespace: str,
+    demo_model: Path,
+    model_server: str,
+    node_operator: KopfRunner,
+) -> None:
+    _on_node(cluster, namespace)
+    spec = _spec(model_server, demo_model, resources={"limits": {"memory": "40Mi"}})
+    apply_md(cluster, namespace, "iris", spec)
+    stalled = wait_for("iris Stalled", lambda: _stalled(cluster, namespace, "iris"), 180)
+    assert stalled["reason"] == "OOMKilled", stalled
+    assert stalled["message"].startswith("runtime was OOM-killed at its memory limit (40Mi)")
+    assert "last state: terminated, reason OOMKilled, exit code 137" in stalled["message"]
+
+
+def test_a_model_that_cannot_be_fetched_gives_its_one_line_error_as_the_condition_message(
+    cluster: Cluster,
+    namespace: str,
+    demo_model: Path,
+    model_server: str,
+    node_operator: KopfRunner,
+) -> None:
+    _on_node(cluster, namespace)
+    missing = model_server.replace("iris.onnx", "missing.onnx")
+    apply_md(cluster, namespace, "iris", _spec(missing, demo_model))
+    stalled = wait_for("iris Stalled", lambda: _stalled(cluster, namespace, "iris"), 180)
+    # The container's termination message (terminationMessagePath), not the log's tail.
+    assert (stalled["reason"], stalled["message"]) == (
+        "ModelFetchFailed",
+        f"fetch-model exited with 1: {missing}: HTTP 404 File not found",
+    )
