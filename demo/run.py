@@ -42,9 +42,7 @@ NAME = "iris"
 # header, as they would after DNS pointed the name at a load balancer.
 HOST = "iris.demo.example"
 METRICS_INTERVAL_S = 5
-# On the real node (MODELDEPLOY_NODE=kubelet): the chart's operator, at its default interval, and
-# the model served to the pods from the bridge's address.
-CHART_METRICS_INTERVAL_S = 30
+# On the real node (MODELDEPLOY_NODE=kubelet), the model is served to the pods from the bridge.
 MODEL_PORT = 18092
 STARTED = time.monotonic()
 
@@ -161,6 +159,7 @@ def _install_chart() -> None:
         "runtimeImage.tag": built["runtime"].tag,
         "rbac.scope": "namespace",
         "watchNamespaces": [NAMESPACE],
+        "metricsInterval": METRICS_INTERVAL_S,
     }
     flags = [
         f for key, value in values.items() for f in ("--set-json", f"{key}={json.dumps(value)}")
@@ -194,10 +193,8 @@ def up(traffic_seconds: float) -> None:
         localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
     localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
     if node.enabled():
-        interval = CHART_METRICS_INTERVAL_S
         _install_chart()
     else:
-        interval = METRICS_INTERVAL_S
         _start_operator_and_pod_runner()
 
     model = demo_dir() / "model" / "iris.onnx"
@@ -255,7 +252,7 @@ def up(traffic_seconds: float) -> None:
     started, traffic_since = time.perf_counter(), time.time()
     # Two collection intervals, so the summary covers steady traffic; the operator writes it
     # only when it moved by more than 10%, so it may have been written a little earlier.
-    time.sleep(max(traffic_seconds, 2 * interval + 1))
+    time.sleep(max(traffic_seconds, 2 * METRICS_INTERVAL_S + 1))
     try:
         _wait_for("live metrics in status", lambda: _fresh_metrics(traffic_since), 60)
         table = localcluster.kubectl("get", "md", "-n", NAMESPACE)
