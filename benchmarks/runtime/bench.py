@@ -1,13 +1,22 @@
 """Benchmark: the modeldeploy runtime against Triton (PyTriton), MLServer and a naive server.
 
-    nice .venv/bin/python benchmarks/runtime/bench.py [--duration 10] [--quick]
+    nice .venv/bin/python benchmarks/runtime/bench.py [--duration 10] [--servers ...]
+        [--loads closed,open] [--bound-ms 10] [--baseline OTHER_CHECKOUT]
 
 Run from the repository root with the project's virtualenv.  The peers are installed
 into their own virtualenv (``~/.cache/modeldeploy/bench-venv-debian``, created on
 first use) because their pins conflict with ours; ``peer_base_python`` says which
 Python builds it.  Every server gets core 0 (``taskset``), wrk
 gets core 1, so the load generator never competes with the server.  Load: single-
-example v2 JSON POSTs from wrk at 32 and 128 connections.  Prints one table.
+example v2 JSON POSTs, in two kinds:
+
+- closed loop: wrk at 32 and 128 connections (each sends its next request on an answer);
+- open loop (``openloop.py``), on the small model: Poisson arrivals at 500 and 1,000
+  requests/s (p50, p99), and MLPerf's "server" figure, the highest Poisson rate whose p99
+  stays within ``--bound-ms`` (10 ms).
+
+``--baseline`` also runs another checkout's runtime (its ``.venv``), as server
+``baseline``, so a change is measured before and after in one run.  Prints the tables.
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import openloop
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +47,8 @@ REPO = HERE.parents[1]
 BENCH_VENV = Path.home() / ".cache" / "modeldeploy" / "bench-venv-debian"
 PEER_PACKAGES = ["nvidia-pytriton", "mlserver", "fastapi", "uvicorn", "onnxruntime", "numpy"]
 SERVER_CORE, LOAD_CORE = "0", "1"
+# Open loop: the fixed Poisson rates whose latency is printed, and the search's bound.
+OPEN_RATES = (500, 1000)
 MODELS = {"small": [64, 128, 10], "heavy": [2048, 4096, 4096, 4096, 1000]}
 
 
@@ -172,6 +185,27 @@ def wrk(url: str, body: Path, connections: int, duration: int) -> dict[str, floa
     }
 
 
+def open_loop(url: str, body: Path, rate: float, duration: float) -> openloop.Result:
+    """One Poisson run from the load core, as its own process (``openloop.py``)."""
+    command = [
+        "taskset",
+        "-c",
+        LOAD_CORE,
+        sys.executable,
+        str(HERE / "openloop.py"),
+        url,
+        str(body),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--header",
+        "Content-Type: application/json",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return openloop.Result(**json.loads(out.splitlines()[-1]))
+
+
 def free_port_block() -> int:
     """A port whose next two are free too (HTTP, gRPC, metrics)."""
     while True:
@@ -233,11 +267,45 @@ def ort_throughput(path: Path, batch: int, seconds: float) -> tuple[float, float
     return wall, cpu
 
 
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def open_table(
+    poisson: dict[str, dict[str, Any]], bound_ms: float
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    header: tuple[str, ...] = ("server",)
+    for rate in OPEN_RATES:
+        header += (f"p50 @{rate}/s ms", f"p99 @{rate}/s ms")
+    header += (f"max rate, p99 <= {bound_ms:g} ms", "generator late p99 ms")
+    rows = []
+    for kind, result in poisson.items():
+        row: tuple[str, ...] = (kind,)
+        for rate in OPEN_RATES:
+            fixed = result["fixed"][rate]
+            row += (f"{fixed.p50_ms:.2f}", f"{fixed.p99_ms:.2f}")
+        late = max(t.late_p99_ms for t in [*result["fixed"].values(), *result["trials"]])
+        rows.append((*row, f"{result['max_rate']:.0f}", f"{late:.2f}"))
+    return header, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--servers", default="modeldeploy,triton,mlserver,naive")
+    parser.add_argument("--loads", default="closed,open", help="closed (wrk), open (Poisson)")
+    parser.add_argument("--bound-ms", type=float, default=10, help="open loop: the p99 bound")
+    parser.add_argument("--open-duration", type=float, default=5, help="seconds per Poisson run")
+    parser.add_argument("--baseline", type=Path, help="another checkout, run as a server too")
     args = parser.parse_args()
+    loads = set(args.loads.split(","))
+    kinds = args.servers.split(",")
+    if args.baseline is not None:
+        kinds.insert(kinds.index("modeldeploy") + 1 if "modeldeploy" in kinds else 0, "baseline")
+    # The open loop runs on the small model only; without the closed loop, nothing else runs.
+    models = list(MODELS) if "closed" in loads else ["small"]
     # Other work on this machine shares the server's core; the load average says how much.
     load_at_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="modeldeploy-bench-"))
@@ -252,9 +320,14 @@ def main() -> None:
     def commands(kind: str, model: str, quantization: str = "none") -> list[str]:
         path = str(paths[model])
         port = ports[0]
-        if kind == "modeldeploy":
+        if kind in ("modeldeploy", "baseline"):
+            runtime = (
+                ours
+                if kind == "modeldeploy"
+                else str(args.baseline / ".venv/bin/modeldeploy-runtime")
+            )
             return [
-                ours,
+                runtime,
                 "serve",
                 "--model-path",
                 path,
@@ -296,10 +369,9 @@ def main() -> None:
         env_label = f"{kind}-{model}-{quantization}"
         # Examples and executed batches, from each server's own metrics where it has them.
         counters = {
-            "modeldeploy": (
-                f"{base}/metrics",
-                "modeldeploy_batch_size_sum",
-                "modeldeploy_batch_size_count",
+            **dict.fromkeys(
+                ("modeldeploy", "baseline"),
+                (f"{base}/metrics", "modeldeploy_batch_size_sum", "modeldeploy_batch_size_count"),
             ),
             "triton": (
                 f"http://127.0.0.1:{ports[0] + 2}/metrics",
@@ -313,6 +385,10 @@ def main() -> None:
             work / f"{env_label}.log",
         ) as pid:
             url = f"{base}/v2/models/{model}/infer"
+            if "open" in loads and model == "small" and quantization == "none":
+                poisson[kind] = run_open(url, body)
+            if "closed" not in loads:
+                return results
             wrk(url, body, 32, 2)  # warm-up
             for connections in (32, 128):
                 if counters:
@@ -341,12 +417,21 @@ def main() -> None:
                 )
         return results
 
+    def run_open(url: str, body: Path) -> dict[str, Any]:
+        def measure(rate: float) -> openloop.Result:
+            return open_loop(url, body, rate, args.open_duration)
+
+        fixed = {rate: measure(rate) for rate in OPEN_RATES}
+        best, trials = openloop.max_rate(measure, args.bound_ms)
+        return {"fixed": fixed, "max_rate": best, "trials": trials}
+
+    poisson: dict[str, dict[str, Any]] = {}
     measured: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
-    for kind in args.servers.split(","):
-        if kind != "modeldeploy" and peer_python is None:
+    for kind in kinds:
+        if kind not in ("modeldeploy", "baseline") and peer_python is None:
             notes.append(f"{kind}: not run, the peer virtualenv could not be installed")
             continue
-        for model in MODELS:
+        for model in models:
             try:
                 measured[kind, model] = run(kind, model)
             except Exception as error:  # report and go on with the other servers
@@ -387,7 +472,7 @@ def main() -> None:
             f"{per_cpu / r['ceiling_per_cpu']:.0%} per CPU-second "
             f"({per_cpu:.0f} requests vs {r['ceiling_per_cpu']:.0f} examples)"
         )
-    if "modeldeploy" in args.servers:
+    if "modeldeploy" in kinds and "closed" in loads:
         int8 = run("modeldeploy", "heavy", "dynamic-int8")
         for connections, r in int8.items():
             rows.append(
@@ -403,10 +488,21 @@ def main() -> None:
                 )
             )
 
-    header = ("model", "server", "conns", "req/s", "p50 ms", "p99 ms", "mean batch", "non-2xx")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    if rows:
+        print("closed loop (wrk, fixed connections)")
+        print_table(
+            ("model", "server", "conns", "req/s", "p50 ms", "p99 ms", "mean batch", "non-2xx"),
+            rows,
+        )
+    if poisson:
+        print("\nopen loop (Poisson arrivals), small model, server on one core")
+        print_table(*open_table(poisson, args.bound_ms))
+        for kind, result in poisson.items():
+            tried = ", ".join(
+                f"{t.rate:.0f}: {t.p99_ms:.1f}{'' if t.within(args.bound_ms) else ' x'}"
+                for t in result["trials"]
+            )
+            notes.append(f"{kind} search, rate: p99 ms (x over the bound): {tried}")
     if any(row[-1] not in ("0", "-") and not row[-1].startswith("0 ") for row in rows):
         notes.append("rows with non-2xx responses measured errors, not inference")
     for when, load in (("start", load_at_start), ("end", os.getloadavg())):

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/runtime/bench_gpu.py [--models mlp,resnet] [--duration 10]
         [--connections 16,64,256] [--precision fp32,fp16] [--batch 64]
         [--runtime-arg=--workers=4 ...] [--wrk PATH] [--json results.json]
+        [--no-open-loop] [--bound-ms MS] [--open-duration 5]
     .venv/bin/python benchmarks/runtime/bench_gpu.py --small --duration 1 --connections 4
 
 It uses the CUDA execution provider when ONNX Runtime has one, the CPU one otherwise, and
@@ -20,7 +21,10 @@ For each model and precision it measures, in order:
 
 1. Raw ONNX Runtime at fixed batch sizes, numpy in and out: the ceiling.
 2. ``modeldeploy-runtime serve`` (time to Ready, then single-example inference requests at
-   each connection count, with the binary tensor data extension and with JSON).  The load
+   each connection count, with the binary tensor data extension and with JSON).
+3. Open loop (``openloop.py``, ``--no-open-loop`` skips it): MLPerf's "server" figure, the
+   highest rate of Poisson arrivals whose p99 stays within ``--bound-ms`` (10 ms for the
+   MLP, 15 ms for ResNet-50), with its p50, p99 and mean batch, for each body format.  The load
    comes from ``wrk`` (PATH or ``--wrk``) when there is one, else from a built-in asyncio
    generator in a few processes.  Mean batch size comes from the server's ``/metrics``;
    GPU utilisation from ``nvidia-smi`` when it exists.
@@ -58,11 +62,14 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import openloop
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 WRK_SCRIPT = HERE / "gpu_post.lua"
+# The open loop's default p99 bounds, ms: MLPerf-like for a small model and a ResNet-50.
+BOUND_MS = {"mlp": 10.0, "resnet": 15.0}
 DEFAULT_WORKDIR = Path.home() / ".cache" / "modeldeploy" / "bench-gpu"
 OPSET = 17
 # Part of every cached model's file name: bump it when a builder changes.
@@ -564,12 +571,28 @@ class ServedRow:
     gpu_util: float | None
 
 
+@dataclasses.dataclass(frozen=True)
+class PoissonRow:
+    """MLPerf's server figure: the highest Poisson rate whose p99 stayed within the bound."""
+
+    model: str
+    precision: str
+    body: str
+    bound_ms: float
+    max_rate: float
+    p50_ms: float | None  # at that rate
+    p99_ms: float | None
+    mean_batch: float | None
+    trials: list[tuple[float, float]]  # (rate, p99 ms) of every run of the search
+
+
 @dataclasses.dataclass
 class Report:
     environment: dict[str, Any]
     raw: list[RawRow] = dataclasses.field(default_factory=list)
     ready: list[ReadyRow] = dataclasses.field(default_factory=list)
     served: list[ServedRow] = dataclasses.field(default_factory=list)
+    poisson: list[PoissonRow] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
 
@@ -671,6 +694,55 @@ class Bench:
                         gpu_util=gpu.mean,
                     )
                 )
+            if args.open_loop:
+                self._poisson(spec, precision, server, body_format, body, headers)
+
+    def _poisson(
+        self,
+        spec: ModelSpec,
+        precision: str,
+        server: Server,
+        body_format: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        """Open loop: the highest Poisson rate whose p99 stays within the model's bound."""
+        args = self.args
+        url = f"{server.base}/v2/models/{spec.name}/infer"
+        bound = args.bound_ms if args.bound_ms is not None else BOUND_MS[spec.name]
+        batches: dict[float, float | None] = {}
+
+        def measure(rate: float) -> openloop.Result:
+            before = batch_counters(server.base)
+            result = openloop.measure(
+                url,
+                body,
+                headers,
+                rate,
+                duration=args.open_duration,
+                warmup=min(1.0, args.open_duration),
+                processes=args.load_threads,
+            )
+            after = batch_counters(server.base)
+            count = after[1] - before[1]
+            batches[rate] = (after[0] - before[0]) / count if count else None
+            return result
+
+        best, trials = openloop.max_rate(measure, bound, ceiling=args.open_ceiling)
+        at_best = next((t for t in trials if t.rate == best and t.within(bound)), None)
+        self.report.poisson.append(
+            PoissonRow(
+                model=spec.name,
+                precision=precision,
+                body=body_format,
+                bound_ms=bound,
+                max_rate=best,
+                p50_ms=at_best.p50_ms if at_best else None,
+                p99_ms=at_best.p99_ms if at_best else None,
+                mean_batch=batches.get(best),
+                trials=[(t.rate, t.p99_ms) for t in trials],
+            )
+        )
 
     def _load(
         self,
@@ -752,6 +824,33 @@ def print_report(report: Report, max_batch: int) -> None:
             for r in report.served
         ],
     )
+    if report.poisson:
+        print("open loop: Poisson arrivals, the highest rate whose p99 stays within the bound")
+        print_table(
+            (
+                "model",
+                "precision",
+                "body",
+                "p99 bound ms",
+                "max req/s",
+                "p50 ms",
+                "p99 ms",
+                "mean batch",
+            ),
+            [
+                (
+                    r.model,
+                    r.precision,
+                    r.body,
+                    f"{r.bound_ms:g}",
+                    f"{r.max_rate:,.0f}",
+                    optional(r.p50_ms, ".2f"),
+                    optional(r.p99_ms, ".2f"),
+                    optional(r.mean_batch, ".1f"),
+                )
+                for r in report.poisson
+            ],
+        )
     print(
         "served/raw: served req/s over raw examples/s at the fastest raw batch size up to the "
         "served max batch; errors: non-2xx responses plus socket errors"
@@ -775,6 +874,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=_csv(int), default=[16, 64, 256])
     parser.add_argument("--duration", type=int, default=10, help="seconds per load cell")
     parser.add_argument("--warmup", type=int, help="seconds of load before the cells (2)")
+    parser.add_argument(
+        "--open-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also find the highest Poisson rate within the p99 bound (MLPerf's server)",
+    )
+    parser.add_argument(
+        "--bound-ms", type=float, help="the open loop's p99 bound (default mlp 10, resnet 15)"
+    )
+    parser.add_argument("--open-duration", type=float, default=5, help="seconds per Poisson run")
+    parser.add_argument("--open-ceiling", type=float, default=64_000, help="highest rate tried")
     parser.add_argument("--raw-duration", type=float, default=2.0, help="seconds per raw batch")
     parser.add_argument("--batch", type=int, default=64, help="the runtime's --max-batch-size")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

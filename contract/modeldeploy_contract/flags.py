@@ -26,6 +26,8 @@ MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
 QUANTIZATION = "quantization"
 CALIBRATION_PATH = "calibration_path"
+WARMUP_PATH = "warmup_path"
+WARMUP_SHAPES = "warmup_shapes"
 MAX_BATCH_SIZE = "max_batch_size"
 MAX_BATCH_DELAY_MS = "max_batch_delay_ms"
 MAX_QUEUE_SIZE = "max_queue_size"
@@ -55,6 +57,8 @@ SERVE_FLAGS = (
     MODEL_VERSION,
     QUANTIZATION,
     CALIBRATION_PATH,
+    WARMUP_PATH,
+    WARMUP_SHAPES,
     MAX_BATCH_SIZE,
     MAX_BATCH_DELAY_MS,
     MAX_QUEUE_SIZE,

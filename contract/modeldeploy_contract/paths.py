@@ -16,6 +16,7 @@ METRICS_PATH = "/metrics"
 MODELS_DIR = "/models"
 MODEL_DIR = f"{MODELS_DIR}/model"
 CALIBRATION_DIR = f"{MODELS_DIR}/calibration"
+WARMUP_DIR = f"{MODELS_DIR}/warmup"
 TMP_DIR = "/tmp"
 # Where a quantized model is cached when the model's own folder is read-only.
 CACHE_DIR = f"{TMP_DIR}/modeldeploy-cache"

@@ -26,3 +26,7 @@ DEFAULT_MODEL_VERSION = "1"
 # termination grace period covers both.
 DRAIN_SECONDS = 10
 FINISH_SECONDS = 15
+
+# The runtime's exit status when the warm-up the user asked for (spec.runtime.warmup) fails;
+# the operator reports it as the Stalled reason WarmupFailed.
+EXIT_WARMUP_FAILED = 3

@@ -164,11 +164,15 @@ def fetch_settings(
 
 
 def serve_settings(
-    owner: Owner, spec: api.ModelDeploymentSpec, model_dir: str, calibration_dir: str
+    owner: Owner,
+    spec: api.ModelDeploymentSpec,
+    model_dir: str,
+    calibration_dir: str,
+    warmup_dir: str = paths.WARMUP_DIR,
 ) -> dict[str, str]:
     """The runtime settings of `modeldeploy-runtime serve` for a spec whose artifacts were
-    fetched into `model_dir` and `calibration_dir`. Pods get them as flags; `modeldeploy serve`
-    passes them to the runtime the same way."""
+    fetched into `model_dir`, `calibration_dir` and `warmup_dir`. Pods get them as flags;
+    `modeldeploy serve` passes them to the runtime the same way."""
     runtime = spec.runtime
     settings = {
         flags.MODEL_PATH: paths.artifact_path(model_dir, spec.model.uri),
@@ -199,6 +203,11 @@ def serve_settings(
         settings[flags.CALIBRATION_PATH] = paths.artifact_path(
             calibration_dir, spec.calibration_uri
         )
+    if warmup := runtime.warmup:
+        if warmup.uri:
+            settings[flags.WARMUP_PATH] = paths.artifact_path(warmup_dir, warmup.uri)
+        if warmup.shapes is not None:
+            settings[flags.WARMUP_SHAPES] = json.dumps(warmup.shapes, separators=(",", ":"))
     return settings
 
 
@@ -251,17 +260,28 @@ def _container(name: str, image: str, command: str, settings: dict[str, str]) ->
 
 
 def _uris(spec: api.ModelDeploymentSpec) -> list[str]:
-    return [spec.model.uri] + ([spec.calibration_uri] if spec.calibration_uri else [])
+    return [uri for uri, _, _ in _artifacts(spec)]
+
+
+def _artifacts(spec: api.ModelDeploymentSpec) -> list[tuple[str, str | None, str]]:
+    """Every file a pod fetches before serving: URI, expected sha256, directory."""
+    artifacts = [(spec.model.uri, spec.model.sha256, paths.MODEL_DIR)]
+    if spec.calibration_uri:
+        artifacts.append((spec.calibration_uri, spec.calibration_sha256, paths.CALIBRATION_DIR))
+    warmup = spec.runtime.warmup
+    if warmup is not None and warmup.uri:
+        artifacts.append((warmup.uri, warmup.sha256, paths.WARMUP_DIR))
+    return artifacts
 
 
 def _init_containers(spec: api.ModelDeploymentSpec, image: str) -> list[api.Object]:
     """One container per artifact: fetch, verify, write it into the shared volume."""
-    fetches = [("fetch-model", spec.model.uri, spec.model.sha256, paths.MODEL_DIR)]
-    if spec.calibration_uri:
-        fetches.append(
-            ("fetch-calibration", spec.calibration_uri, spec.calibration_sha256,
-             paths.CALIBRATION_DIR)
-        )  # fmt: skip
+    names = {
+        paths.MODEL_DIR: "fetch-model",
+        paths.CALIBRATION_DIR: "fetch-calibration",
+        paths.WARMUP_DIR: "fetch-warmup",
+    }
+    fetches = [(names[dest], uri, sha256, dest) for uri, sha256, dest in _artifacts(spec)]
     _, pvc_mounts = _pvc_mounts(_uris(spec))
     work_mounts = [
         {"name": "models", "mountPath": paths.MODELS_DIR},

@@ -22,7 +22,11 @@ def run(settings: config.OperatorSettings) -> int:
     import kopf
     import prometheus_client
 
-    from modeldeploy_operator import handlers
+    from modeldeploy_operator import handlers, kube
+
+    # Loaded now, so that a kubeconfig or context that cannot be used stops the start with its
+    # reason; kopf's login and our client then share this configuration.
+    kube.configuration(settings.kubeconfig, settings.context)
 
     log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=settings.verbose, log_format=log_format)
@@ -32,13 +36,15 @@ def run(settings: config.OperatorSettings) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     prometheus_client.start_http_server(settings.metrics_port, addr=settings.bind_address)
     elector = _lead(settings) if settings.leader_election_namespace else None
+    memo = handlers.memo(settings)
     try:
         kopf.run(
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=True,
             liveness_endpoint=f"http://{settings.bind_address}:{settings.health_port}/healthz",
-            memo=handlers.memo(settings),
+            memo=memo,
+            insights=memo.insights,
         )
     finally:
         if elector is not None:
@@ -52,7 +58,7 @@ def _lead(settings: config.OperatorSettings) -> Any:
 
     assert settings.leader_election_namespace is not None
     elector = leader.Elector(
-        kube.Kube.from_environment(),
+        kube.Kube.shared(settings.kubeconfig, settings.context),
         settings.leader_election_namespace,
         settings.leader_election_id,
         identity=leader.identity(),
@@ -106,9 +112,12 @@ def parser() -> argparse.ArgumentParser:
     the environment and its defaults, and validates whatever was given."""
     run = argparse.ArgumentParser(
         prog="modeldeploy run",
-        description="Run the operator against the current cluster ($KUBECONFIG, or in-cluster).",
+        description="Run the operator against a cluster: in a pod its own, else the kubeconfig's "
+        "(--kubeconfig, $KUBECONFIG or ~/.kube/config) current or chosen (--context) context.",
         argument_default=None,
     )
+    run.add_argument("--kubeconfig", metavar="PATH", help=_help("kubeconfig"))
+    run.add_argument("--context", metavar="NAME", help=_help("context"))
     run.add_argument("--namespace", dest="namespaces", action="append", metavar="NS",
                      help=_help("namespaces") + "; repeatable")  # fmt: skip
     run.add_argument("--runtime-image", help=_help("runtime_image"))

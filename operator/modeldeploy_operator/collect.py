@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,15 +54,16 @@ def ready_pod_urls(pods: Iterable[Mapping[str, Any]], port: int) -> dict[str, st
 
 
 class DirectSource:
-    def __init__(self, concurrency: int = 32) -> None:
+    def __init__(self, concurrency: int = 32, timeout: float = 5.0) -> None:
         self._limit = asyncio.Semaphore(concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._last: dict[tuple[str, str], tuple[float, telemetry.Counters]] = {}
         self._pods_of: dict[tuple[str, str], set[str]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def _scrape(self, url: str, model: str) -> telemetry.Counters | None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
         async with self._limit:
             try:
                 async with self._session.get(url) as response:
@@ -78,6 +80,9 @@ class DirectSource:
                 opmetrics.METRICS_COLLECTIONS.labels("direct", "error").inc()
                 logger.debug("scraping %s: %s", url, error)
                 return None
+
+    async def refresh(self, targets: Iterable[Target]) -> None:
+        """Nothing to do once per round: every ModelDeployment's pods are scraped on its own."""
 
     async def summary(self, target: Target) -> telemetry.Summary | None:
         """Growth since the previous call for the same pods; None until there is a baseline."""
@@ -117,71 +122,120 @@ class DirectSource:
             await self._session.close()
 
 
+class NoAnswerError(Exception):
+    """The source had nothing this round (logged once for the round, not per object)."""
+
+
 class PrometheusSource:
-    """PromQL over the runtime series that Prometheus labels with `namespace` and `pod`."""
+    """PromQL over the runtime series that Prometheus labels with `namespace` and `pod`.
+
+    A handful of queries per interval, whatever the number of ModelDeployments: each asks for
+    the rates of every pod of the served namespaces, grouped by namespace, pod and model, and
+    the answer is split among the ModelDeployments here. Summed per ModelDeployment, the rates
+    give what per-object PromQL gave (histogram_quantile over the summed buckets included).
+    """
 
     def __init__(self, url: str, window_seconds: int) -> None:
         self._url = url.rstrip("/") + "/api/v1/query"
         self._window = f"{window_seconds}s"
         self._session: aiohttp.ClientSession | None = None
+        # (namespace, ModelDeployment, model) -> one Counters of rates per pod; None: no answer
+        self._rates: dict[tuple[str, str, str], list[telemetry.Counters]] | None = None
+        self.queries_sent = 0
 
-    def queries(self, target: Target) -> dict[str, str]:
-        # A Deployment's pods are <name>-<template hash>-<suffix>; the exact shape keeps
-        # "iris" from matching the pods of "iris-v2".
-        selector = (
-            f'namespace="{target.namespace}",pod=~"{target.name}-[a-z0-9]+-[a-z0-9]+",'
-            f'model="{target.model}"'
-        )
+    def queries(self, namespaces: Iterable[str]) -> dict[str, str]:
+        """The round's queries, over the series of these namespaces only."""
+        names = "|".join(sorted(re.escape(n) for n in set(namespaces)))
+        selector = f'namespace=~"{names}",model!=""'
         w = self._window
-        requests = f"sum(rate({telemetry.REQUESTS}_total{{{selector}}}[{w}]))"
-        failed = f'sum(rate({telemetry.REQUESTS}_total{{{selector},outcome!="success"}}[{w}]))'
-        latency = f"sum by (le) (rate({telemetry.LATENCY}_bucket{{{selector}}}[{w}]))"
+        by = "namespace, pod, model"
         return {
-            "rps": requests,
-            "failed": failed,
-            "p50": f"histogram_quantile(0.5, {latency})",
-            "p99": f"histogram_quantile(0.99, {latency})",
-            "batch": (
-                f"sum(rate({telemetry.BATCH_SIZE}_sum{{{selector}}}[{w}])) / "
-                f"sum(rate({telemetry.BATCH_SIZE}_count{{{selector}}}[{w}]))"
-            ),
+            "requests": f"sum by ({by}, outcome) "
+            f"(rate({telemetry.REQUESTS}_total{{{selector}}}[{w}]))",
+            "latency": f"sum by ({by}, le) (rate({telemetry.LATENCY}_bucket{{{selector}}}[{w}]))",
+            "batch_sum": f"sum by ({by}) (rate({telemetry.BATCH_SIZE}_sum{{{selector}}}[{w}]))",
+            "batch_count": f"sum by ({by}) (rate({telemetry.BATCH_SIZE}_count{{{selector}}}[{w}]))",
         }
 
-    async def _query(self, promql: str) -> float | None:
+    async def _query(self, promql: str) -> list[dict[str, Any]]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        self.queries_sent += 1
+        opmetrics.PROMQL_QUERIES.inc()
         async with self._session.get(self._url, params={"query": promql}) as response:
             response.raise_for_status()
             body = await response.json()
-        result = body["data"]["result"]
-        if not result:
-            return None
-        value = float(result[0]["value"][1])
-        return None if value != value else value  # NaN: no traffic in the window
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    async def refresh(self, targets: Iterable[Target]) -> None:
+        """Asks Prometheus once for this round; `summary` then answers from memory."""
+        self._rates = None
+        namespaces = {t.namespace for t in targets}
+        if not namespaces:
+            return
+        queries = self.queries(namespaces)
+        answers = await asyncio.gather(*(self._query(q) for q in queries.values()))
+        self._rates = split(dict(zip(queries, answers, strict=True)))
 
     async def summary(self, target: Target) -> telemetry.Summary | None:
-        queries = self.queries(target)
-        values = dict(
-            zip(
-                queries,
-                await asyncio.gather(*(self._query(q) for q in queries.values())),
-                strict=True,
-            )
-        )
-        rps = values["rps"]
-        if rps is None:
+        if self._rates is None:
+            raise NoAnswerError("Prometheus did not answer this round")
+        pods = self._rates.get((target.namespace, target.name, target.model))
+        if not pods:
             return None
-        return telemetry.Summary(
-            requests_per_second=rps,
-            latency_p50_ms=None if values["p50"] is None else values["p50"] * 1000,
-            latency_p99_ms=None if values["p99"] is None else values["p99"] * 1000,
-            mean_batch_size=values["batch"],
-            error_rate=(values["failed"] or 0.0) / rps if rps else 0.0,
-        )
+        # Rates per second: a one-second window of the summed rates is the summary.
+        return telemetry.summarise(pods, 1.0)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+# A Deployment's pod is <ModelDeployment>-<template hash>-<suffix>: the exact shape keeps "iris"
+# from taking the pods of "iris-v2".
+_POD_OF_DEPLOYMENT = re.compile(r"^(?P<owner>.+)-[a-z0-9]+-[a-z0-9]+$")
+
+
+def split(
+    answers: Mapping[str, list[dict[str, Any]]],
+) -> dict[tuple[str, str, str], list[telemetry.Counters]]:
+    """The grouped answers (see PrometheusSource.queries) as rates per pod, filed under
+    (namespace, ModelDeployment, model). NaN rates (no samples in the window) are left out."""
+    per_pod: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def values(name: str) -> Iterator[tuple[dict[str, Any], dict[str, str], float]]:
+        for series in answers.get(name, []):
+            labels = series["metric"]
+            value = float(series["value"][1])
+            key = (labels.get("namespace", ""), labels.get("pod", ""), labels.get("model", ""))
+            if value == value and all(key):  # not NaN, fully labelled
+                fields = per_pod.setdefault(
+                    key, {"requests": {}, "buckets": {}, "batch_sum": 0.0, "batch_count": 0.0}
+                )
+                yield fields, labels, value
+
+    for fields, labels, value in values("requests"):
+        outcome = labels.get("outcome", "")
+        fields["requests"][outcome] = fields["requests"].get(outcome, 0.0) + value
+    for fields, labels, value in values("latency"):
+        le = float(labels["le"])
+        fields["buckets"][le] = fields["buckets"].get(le, 0.0) + value
+    for fields, _, value in values("batch_sum"):
+        fields["batch_sum"] += value
+    for fields, _, value in values("batch_count"):
+        fields["batch_count"] += value
+
+    grouped: dict[tuple[str, str, str], list[telemetry.Counters]] = {}
+    for (namespace, pod, model), fields in per_pod.items():
+        match = _POD_OF_DEPLOYMENT.match(pod)
+        if match is None:
+            continue
+        counters = telemetry.Counters(
+            fields["requests"], fields["buckets"], fields["batch_sum"], fields["batch_count"]
+        )
+        grouped.setdefault((namespace, match["owner"], model), []).append(counters)
+    return grouped
 
 
 Source = DirectSource | PrometheusSource
@@ -195,13 +249,16 @@ class MetricsWriter:
         self.source = source
         self.interval = interval
         self._write = write
-        self._source_name = "prometheus" if isinstance(source, PrometheusSource) else "direct"
+        self.source_name = "prometheus" if isinstance(source, PrometheusSource) else "direct"
 
     async def collect(self, target: Target, written: Mapping[str, Any] | None) -> None:
-        source = self._source_name
+        source = self.source_name
         with opmetrics.METRICS_COLLECTION_DURATION.labels(source).time():
             try:
                 summary = await self.source.summary(target)
+            except NoAnswerError:
+                opmetrics.METRICS_COLLECTIONS.labels(source, "error").inc()
+                return
             except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as error:
                 opmetrics.METRICS_COLLECTIONS.labels(source, "error").inc()
                 logger.warning("metrics of %s/%s: %s", target.namespace, target.name, error)
@@ -257,15 +314,39 @@ class MetricsLoop:
         self._targets.pop(key, None)
         self.writer.forget(*key)
 
-    async def _one(self, key: Key, model: str, written: Mapping[str, Any] | None) -> None:
-        urls = ready_pod_urls(list(self._pods.get(key, [])), self._http_port)
+    async def _one(self, target: Target, written: Mapping[str, Any] | None) -> None:
         async with self._limit:
-            await self.writer.collect(Target(key[0], key[1], model, urls), written)
+            await self.writer.collect(target, written)
+
+    async def round(self) -> None:
+        """One collection of every ModelDeployment, within one interval: what is not done by
+        then (a hung pod's ModelDeployment) is cancelled, and the next round starts on time."""
+        deadline = time.monotonic() + self.writer.interval
+        targets = [
+            (Target(*key, model, ready_pod_urls(list(self._pods.get(key, [])), self._http_port)), w)
+            for key, (model, w) in list(self._targets.items())
+        ]
+        source = self.writer.source_name
+        try:
+            await asyncio.wait_for(
+                self.writer.source.refresh(t for t, _ in targets), self.writer.interval / 2
+            )
+        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as error:
+            # Every ModelDeployment's summary then counts an error; logged once, here.
+            logger.warning("metrics: %s", error or type(error).__name__)
+        tasks = [asyncio.create_task(self._one(t, w)) for t, w in targets]
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for task in late:
+            task.cancel()
+            opmetrics.METRICS_COLLECTIONS.labels(source, "late").inc()
+        if late:
+            await asyncio.wait(late)
 
     async def run(self) -> None:
         while True:
             started = time.monotonic()
-            targets = list(self._targets.items())
-            await asyncio.gather(*(self._one(key, *value) for key, value in targets))
+            await self.round()
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, self.writer.interval - elapsed))

@@ -37,6 +37,8 @@ _MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 _MD = (api.GROUP, api.VERSION, api.PLURAL)
 _CHILD_KINDS_BY_PLURAL = {kind.plural: kind for kind in builders.CHILD_KINDS}
 Key = tuple[str, str]
+# How often discovery is asked again while a ModelDeployment needs a kind not served.
+UNSERVED_RECHECK_S = 10.0
 Queue = workqueue.WorkQueue[Key, builders.Kind]
 
 logger = logging.getLogger(__name__)
@@ -54,9 +56,51 @@ class Dependencies:
 
 
 def memo(settings: config.OperatorSettings) -> kopf.Memo:
-    """The memo `modeldeploy run` starts kopf with: its validated settings. Started any other way
-    (`kopf run -m modeldeploy_operator.handlers`), the operator reads them from the environment."""
-    return kopf.Memo(settings=settings)
+    """The memo `modeldeploy run` starts kopf with: its validated settings, and the insights
+    (what the cluster serves) it gives kopf.run. Started any other way (`kopf run -m
+    modeldeploy_operator.handlers`), the operator reads its settings from the environment, and
+    a CRD installed after the start is seen after a restart only."""
+    from kopf._cogs.structs.references import Insights
+
+    return kopf.Memo(settings=settings, insights=Insights())
+
+
+async def _rediscover(memo: kopf.Memo, group: str, settings: kopf.OperatorSettings) -> bool:
+    """Asks the API server's discovery again what an API group serves; when it serves something
+    now, has kopf watch it and returns True.
+
+    Without it a CRD installed after the start (the Gateway API's) is unknown to kopf until a
+    restart: kopf scans once at the start, as it may not watch the CRDs (least privilege), and
+    discovery needs no permission. kopf does the same when it watches the CRDs; its functions
+    for it are not public, hence the private imports, here only."""
+    insights = memo.get("insights")
+    if insights is None:
+        return False
+    from kopf._cogs.clients import scanning
+    from kopf._core.reactor import observation
+
+    resources = await scanning.scan_resources(groups={group}, settings=settings, logger=logger)
+    if not resources:
+        return False
+    async with insights.revised:
+        observation.revise_resources(
+            resources=resources,
+            insights=insights,
+            registry=kopf.get_default_registry(),
+            group=group,
+        )
+        await insights.backbone.fill(resources=resources)
+        insights.revised.notify_all()
+    logger.info("API group %s is served now: watching its kinds", group)
+    return True
+
+
+def _settings(memo: kopf.Memo) -> config.OperatorSettings:
+    settings = memo.get("settings")
+    if settings is None:
+        settings = memo["settings"] = config.OperatorSettings()
+    assert isinstance(settings, config.OperatorSettings)
+    return settings
 
 
 def _dependencies(memo: kopf.Memo) -> Dependencies:
@@ -77,6 +121,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
     # Least privilege: the operator may not watch CRDs or namespaces. Without this kopf tries,
     # logs the 403s and falls back to what it does now: namespaces given by exact name only.
+    # A CRD installed after the start is found by asking discovery again (see _rediscover).
     settings.scanning.disabled = True
     # An object's kopf worker (and the last body it saw) lingers this long after its last event.
     settings.queueing.idle_timeout = 1.0
@@ -86,13 +131,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.startup()
-async def start(memo: kopf.Memo, **indexes: Any) -> None:
-    operator: config.OperatorSettings = memo.get("settings") or config.OperatorSettings()
-    client = kube.Kube.from_environment()
+async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **indexes: Any) -> None:
+    operator = _settings(memo)
+    client = kube.Kube.shared(operator.kubeconfig, operator.context)
     source: collect.Source = (
         collect.PrometheusSource(operator.prometheus_url, operator.metrics_window)
         if operator.prometheus_url
-        else collect.DirectSource()
+        else collect.DirectSource(timeout=min(5.0, operator.metrics_interval / 2))
     )
 
     async def write(namespace: str, name: str, metrics: dict[str, Any]) -> None:
@@ -103,16 +148,47 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:
     # last saw them (kopf runs no handler before every index is filled).
     metrics = collect.MetricsLoop(writer, indexes[_index_id(POD)], paths.HTTP_PORT)
     reconciler = reconcile.Reconciler(client, operator.runtime_image)
-    queue: Queue = workqueue.WorkQueue()
+    queue: Queue = workqueue.WorkQueue(permanent=kube.is_permanent)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"
     )
 
-    async def handle(key: Key, gone: set[builders.Kind]) -> None:
-        await _reconcile(reconciler, executor, indexes, key, gone)
+    # API group -> the ModelDeployments that wait for it to be served
+    waiting: dict[str, set[Key]] = {}
+    tasks: list[asyncio.Task[None]] = []
 
-    def failed(key: Key, error: BaseException, retry_in: float) -> None:
-        logger.error("reconciling %s/%s failed (retry in %.1fs): %s", *key, retry_in, error)
+    async def wait_for_group(group: str) -> None:
+        """Asks discovery every few seconds until the group is served; then kopf watches its
+        kinds, and the objects that wait for it are reconciled again."""
+        while True:
+            await asyncio.sleep(UNSERVED_RECHECK_S)
+            try:
+                if not await _rediscover(memo, group, settings):
+                    continue
+            except Exception as error:  # asked again at the next interval
+                logger.warning("discovery of API group %s: %s", group, error)
+                continue
+            for key in waiting.pop(group, set()):
+                await queue.add(key)
+            return
+
+    async def handle(key: Key, gone: set[builders.Kind]) -> None:
+        unserved = await _reconcile(reconciler, executor, indexes, key, gone)
+        if memo.get("insights") is None:
+            return  # started by `kopf run`: a CRD installed later needs a restart
+        for group in {kind.group for kind in unserved}:
+            if group not in waiting:
+                tasks.append(asyncio.create_task(wait_for_group(group)))
+            waiting.setdefault(group, set()).add(key)
+
+    def failed(key: Key, error: BaseException, retry_in: float | None) -> None:
+        if retry_in is None:
+            logger.error(
+                "reconciling %s/%s failed, and retrying cannot help; left until the object or "
+                "a child changes, or the next resync: %s", *key, error,
+            )  # fmt: skip
+        else:
+            logger.error("reconciling %s/%s failed (retry in %.1fs): %s", *key, retry_in, error)
 
     workers = [queue.work(handle, failed) for _ in range(operator.reconcile_workers)]
     # Every ModelDeployment the watch knows, from time to time: a reconcile reads only the
@@ -124,8 +200,9 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:
         queue=queue,
         metrics=metrics,
         executor=executor,
-        tasks=[*map(asyncio.create_task, [metrics.run(), resync, *workers])],
+        tasks=tasks,
     )
+    tasks.extend(map(asyncio.create_task, [metrics.run(), resync, *workers]))
 
 
 async def _reconcile(
@@ -134,24 +211,24 @@ async def _reconcile(
     indexes: Mapping[str, Any],
     key: Key,
     gone: set[builders.Kind],
-) -> None:
-    """One reconcile, from what the indexes hold now (read here, on the event loop)."""
+) -> set[builders.Kind]:
+    """One reconcile, from what the indexes hold now (read here, on the event loop); returns
+    the kinds it needs that are not served (see Reconciler.reconcile)."""
     mds = list(indexes["model_deployments_index"].get(key, []))
     if not mds:
-        return  # deleted meanwhile: the garbage collector removes the children
+        return set()  # deleted meanwhile: the garbage collector removes the children
     md = mds[0]
     observed = _observed(indexes, key, md["metadata"]["uid"])
 
-    def run() -> None:
+    def run() -> set[builders.Kind]:
         current: api.Object | None = md
         if gone:
             # The owner may be gone already with its deletion not yet seen by our watch: do not
             # recreate a child the garbage collector just removed.
             current = reconciler.reread(*key)
-        if current is not None:
-            reconciler.reconcile(current, observed, gone=gone)
+        return set() if current is None else reconciler.reconcile(current, observed, gone=gone)
 
-    await asyncio.get_running_loop().run_in_executor(executor, run)
+    return await asyncio.get_running_loop().run_in_executor(executor, run)
 
 
 @kopf.on.cleanup()
@@ -165,9 +242,25 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # In a pod the service account; elsewhere $KUBECONFIG as it is now.
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf piggybacks on our client's configuration: the same credentials, refreshed the same
+    way (kopf logs in again when the API server answers 401), so the watches and the writes
+    always act as one identity."""
+    operator = _settings(memo)
+    info = kube.login_info(kube.configuration(operator.kubeconfig, operator.context))
+    return kopf.ConnectionInfo(
+        server=info.server,
+        ca_path=info.ca_path,
+        insecure=info.insecure,
+        scheme=info.scheme,
+        token=info.token,
+        certificate_path=info.certificate_path,
+        private_key_path=info.private_key_path,
+        username=info.username,
+        password=info.password,
+        proxy_url=info.proxy_url,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 def _slim_model_deployment(body: kopf.Body) -> api.Object:
@@ -230,9 +323,48 @@ def _index_pod(
             },
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
-        "status": copy.deepcopy(dict(status)),
+        "status": _slim_pod_status(status),
     }
     return {(namespace or "", instance): summary}
+
+
+_CONDITION_KEYS = ("type", "status", "reason", "message")
+_TERMINATED_KEYS = ("exitCode", "reason", "message")
+
+
+def _slim_pod_status(status: Mapping[str, Any]) -> api.Object:
+    """What the status computation and the metrics read of a pod's status: its address, its
+    conditions and why its containers wait or exited (a pod's status is most of its size)."""
+
+    def container(c: Mapping[str, Any]) -> api.Object:
+        state = c.get("state") or {}
+        slim: api.Object = {"name": c.get("name"), "state": {}}
+        if "waiting" in state:
+            waiting = state["waiting"] or {}
+            slim["state"]["waiting"] = {
+                k: waiting[k] for k in ("reason", "message") if k in waiting
+            }
+        if "terminated" in state:
+            terminated = state["terminated"] or {}
+            slim["state"]["terminated"] = {
+                k: terminated[k] for k in _TERMINATED_KEYS if k in terminated
+            }
+        last = (c.get("lastState") or {}).get("terminated")
+        if last:
+            slim["lastState"] = {"terminated": {k: last[k] for k in _TERMINATED_KEYS if k in last}}
+        return slim
+
+    slim: api.Object = {
+        "conditions": [
+            {k: c[k] for k in _CONDITION_KEYS if k in c} for c in status.get("conditions") or []
+        ],
+    }
+    if status.get("podIP"):
+        slim["podIP"] = status["podIP"]
+    for key in ("initContainerStatuses", "containerStatuses"):
+        if status.get(key):
+            slim[key] = [container(c) for c in status[key]]
+    return slim
 
 
 for _kind in builders.CHILD_KINDS:

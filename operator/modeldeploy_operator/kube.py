@@ -4,42 +4,58 @@ Writes are server-side applies with the field manager `modeldeploy`, merge patch
 ModelDeployment status, deletes and Events; besides them only the leader election's Lease is
 written (see leader.py).
 
-The client is a few lines over `http.client`, not the `kubernetes` package: that package costs
-the operator about 30 MiB of memory just by being importable (kopf imports it when present), for
-the seven requests made here. Credentials come from the pod's service account or a kubeconfig
-with client certificates or a token, what kopf's own login supports.
+The client is the `kubernetes` package's `ApiClient`, and its configuration is the operator's
+one source of credentials: in a pod the service account (its projected token re-read as it
+rotates), else a kubeconfig with all the package supports (exec plugins, auth providers,
+several files in $KUBECONFIG, contexts, proxies, `tls-server-name`). kopf logs in from the same
+configuration (`login_info`), so its watches and these writes act as one identity.
+
+Requests are sent through `ApiClient.call_api` and answered as plain JSON: the generated typed
+APIs and models would cost memory and time for the seven requests made here.
+
+Retries: a connection that could not be made is retried for any request (nothing was sent); a
+request whose answer was lost only when repeating it is harmless (not a POST, which could post
+an Event twice); a 429 is retried after the server's Retry-After, whatever the method (the
+server did not act on it). Every wait has jitter, so that clients that failed together do not
+come back together.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
+import copy
+import functools
 import json
+import logging
 import os
+import random
 import socket
-import ssl
-import tempfile
 import threading
-import urllib.parse
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
 from modeldeploy_operator import builders, opmetrics
 from modeldeploy_operator import spec as api
 
 FIELD_MANAGER = "modeldeploy"
 USER_AGENT = "modeldeploy-operator"
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 MODEL_DEPLOYMENT = builders.Kind(f"{api.GROUP}/{api.VERSION}", api.KIND, api.PLURAL)
 EVENT = builders.Kind("v1", "Event", "events")
 LEASE = builders.Kind("coordination.k8s.io/v1", "Lease", "leases")
 
+# 429 Too Many Requests: waits of at most this long, this many times, before giving up.
+MAX_RETRY_AFTER_S = 10.0
+MAX_THROTTLED_RETRIES = 5
+
+logger = logging.getLogger(__name__)
+
 
 class ApiError(Exception):
-    """The API server answered with an error status."""
+    """The API server answered with an error status (0: no answer, e.g. a TLS failure)."""
 
     def __init__(self, status: int, reason: str = "", body: str = "") -> None:
         super().__init__(f"{status} {reason}: {body[:500]}" if body else f"{status} {reason}")
@@ -48,18 +64,18 @@ class ApiError(Exception):
         self.body = body
 
 
-def is_permanent(error: Exception) -> bool:
+def is_permanent(error: BaseException) -> bool:
     """Whether retrying the same request cannot help (the server rejected its content)."""
     return isinstance(error, ApiError) and error.status in (400, 403, 409, 422)
 
 
-def is_unserved(error: Exception) -> bool:
+def is_unserved(error: BaseException) -> bool:
     """Whether an apply failed because the API server does not serve the object's kind (its
     CRD is not installed): a server-side apply creates a missing object, so 404 means that."""
     return isinstance(error, ApiError) and error.status == 404
 
 
-def error_message(error: Exception) -> str:
+def error_message(error: BaseException) -> str:
     if isinstance(error, ApiError) and error.body:
         try:
             return str(json.loads(error.body).get("message", error.body))
@@ -74,104 +90,129 @@ def _path(kind: builders.Kind, namespace: str, name: str | None = None) -> str:
     return f"{path}/{name}" if name else path
 
 
+def in_cluster() -> bool:
+    """The one test of "in a pod" (the kubernetes package's): its service's host and port."""
+    return bool(
+        os.environ.get("KUBERNETES_SERVICE_HOST") and os.environ.get("KUBERNETES_SERVICE_PORT")
+    )
+
+
+@functools.cache
+def configuration(kubeconfig: str | None = None, context: str | None = None) -> k8s.Configuration:
+    """The process's one configuration for a given choice, loaded once and shared.
+
+    In a pod, unless a kubeconfig or a context is chosen, the service account; else the
+    kubeconfig: `kubeconfig`, or $KUBECONFIG (its files merged), or ~/.kube/config, with
+    `context` or the current one.
+    """
+    loaded = k8s.Configuration()
+    if kubeconfig is None and context is None and in_cluster():
+        try:
+            k8s_config.load_incluster_config(client_configuration=loaded)  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException as error:
+            raise RuntimeError(f"cannot use the pod's service account: {error}") from error
+        return loaded
+    path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    try:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, context=context, client_configuration=loaded, persist_config=False
+        )
+    except (k8s_config.ConfigException, OSError) as error:
+        where = f"context {context!r} of {path}" if context else path
+        raise RuntimeError(f"cannot use the kubeconfig ({where}): {error}") from error
+    return loaded
+
+
 @dataclass(frozen=True)
-class Credentials:
-    """Where the API server is and how to prove who we are."""
+class Login:
+    """What kopf needs to log in as the configuration does (see handlers.login)."""
 
     server: str
-    tls: ssl.SSLContext
-    token_file: Path | None = None
-    token: str | None = None
-
-    def authorization(self) -> str | None:
-        # A projected service-account token is rotated on disk: read it for every request.
-        token = self.token_file.read_text().strip() if self.token_file else self.token
-        return f"Bearer {token}" if token else None
-
-
-def _pem(data: str | None, path: str | None, base: Path) -> str | None:
-    if data:
-        return base64.b64decode(data).decode()
-    if path:
-        return (base / path).read_text()
-    return None
+    ca_path: str | None
+    insecure: bool
+    scheme: str | None
+    token: str | None
+    certificate_path: str | None
+    private_key_path: str | None
+    username: str | None
+    password: str | None
+    proxy_url: str | None
 
 
-def _from_kubeconfig(path: Path) -> Credentials:
-    config = yaml.safe_load(path.read_text()) or {}
-    contexts = {c["name"]: c["context"] for c in config.get("contexts", [])}
-    context = contexts[config["current-context"]]
-    cluster = {c["name"]: c["cluster"] for c in config.get("clusters", [])}[context["cluster"]]
-    user = {u["name"]: u["user"] for u in config.get("users", [])}.get(context.get("user"), {})
-    base = path.parent
-    tls = ssl.create_default_context(
-        cadata=_pem(
-            cluster.get("certificate-authority-data"), cluster.get("certificate-authority"), base
-        )
-    )
-    if cluster.get("insecure-skip-tls-verify"):
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE
-    certificate = _pem(user.get("client-certificate-data"), user.get("client-certificate"), base)
-    key = _pem(user.get("client-key-data"), user.get("client-key"), base)
-    if certificate and key:
-        # ssl loads a client certificate from files only; they exist for the call's duration.
-        with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / "cert.pem").write_text(certificate)
-            (Path(folder) / "key.pem").write_text(key)
-            tls.load_cert_chain(Path(folder) / "cert.pem", Path(folder) / "key.pem")
-    token_file = user.get("tokenFile")
-    return Credentials(
-        server=cluster["server"],
-        tls=tls,
-        token=user.get("token"),
-        token_file=base / token_file if token_file else None,
+def login_info(loaded: k8s.Configuration) -> Login:
+    """The credentials of `loaded` as they are now: reading the token runs its refresh (an exec
+    plugin past its expiry, a rotated service-account token), as for our own requests."""
+    header = loaded.get_api_key_with_prefix("BearerToken", alias="authorization")
+    scheme, _, token = (header or "").partition(" ")
+    if not token:
+        scheme, token = "", scheme
+    return Login(
+        server=loaded.host,
+        ca_path=loaded.ssl_ca_cert,
+        insecure=not loaded.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=loaded.cert_file,
+        private_key_path=loaded.key_file,
+        username=loaded.username or None,
+        password=loaded.password or None,
+        proxy_url=loaded.proxy,
     )
 
 
-def credentials_from_environment() -> Credentials:
-    """In-cluster credentials in a pod, else $KUBECONFIG (its first file) or ~/.kube/config."""
-    if "KUBERNETES_SERVICE_HOST" in os.environ:
-        host = os.environ["KUBERNETES_SERVICE_HOST"]
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        host = f"[{host}]" if ":" in host else host
-        return Credentials(
-            server=f"https://{host}:{port}",
-            tls=ssl.create_default_context(cafile=SERVICE_ACCOUNT / "ca.crt"),
-            token_file=SERVICE_ACCOUNT / "token",
-        )
-    kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
-    return _from_kubeconfig(Path(kubeconfig) if kubeconfig else Path.home() / ".kube" / "config")
+def _retry_after(error: k8s.ApiException, attempt: int) -> float:
+    """The server's Retry-After (seconds), else a growing delay; capped, with jitter."""
+    headers = error.headers or {}
+    try:
+        wanted = float(headers.get("Retry-After", ""))
+    except ValueError:
+        wanted = 0.5 * 2.0 ** (attempt - 1)
+    return min(MAX_RETRY_AFTER_S, max(0.0, wanted)) * random.uniform(1.0, 1.5)
 
 
 class Kube:
-    """Blocking requests on one kept-alive connection per thread (kopf runs sync handlers in a
-    thread pool)."""
+    """Blocking requests (kopf runs the reconciler in a thread pool); urllib3 keeps a pool of
+    connections, as many as there are threads."""
 
-    def __init__(self, credentials: Credentials, timeout: float = 30.0) -> None:
-        self._credentials = credentials
-        parts = urllib.parse.urlsplit(credentials.server)
-        self._host = parts.hostname or "localhost"
-        self._port = parts.port or 443
-        self._base = parts.path.rstrip("/")
+    def __init__(self, loaded: k8s.Configuration, timeout: float = 30.0, pool: int = 16) -> None:
+        # Connections that failed are retried, requests that were sent only when idempotent;
+        # statuses (429) are ours to handle.
+        loaded.retries = urllib3.Retry(
+            total=3,
+            connect=3,
+            read=2,
+            status=0,
+            other=0,
+            allowed_methods=frozenset({"GET", "PUT", "PATCH", "DELETE"}),
+            backoff_factor=0.2,
+            backoff_jitter=0.3,
+            raise_on_status=False,
+        )
+        loaded.connection_pool_maxsize = pool
+        self._client = k8s.ApiClient(loaded)
+        self._client.user_agent = USER_AGENT
+        # Requests with a deadline of their own (the Lease's) are never repeated behind the
+        # caller's back: its deadline is what makes a leader step down in time.
+        once = copy.deepcopy(loaded)
+        once.retries = False
+        once.connection_pool_maxsize = 1
+        self._once = k8s.ApiClient(once)
+        self._once.user_agent = USER_AGENT
         self._timeout = timeout
-        self._local = threading.local()
         self._reporting_instance = socket.gethostname()
 
-    @classmethod
-    def from_environment(cls) -> Kube:
-        return cls(credentials_from_environment())
+    _shared: dict[tuple[str | None, str | None], Kube] = {}
+    _shared_lock = threading.Lock()
 
-    def _connection(self, fresh: bool = False) -> http.client.HTTPSConnection:
-        connection: http.client.HTTPSConnection | None = getattr(self._local, "connection", None)
-        if connection is None or fresh:
-            if connection is not None:
-                connection.close()
-            connection = http.client.HTTPSConnection(
-                self._host, self._port, context=self._credentials.tls, timeout=self._timeout
-            )
-            self._local.connection = connection
-        return connection
+    @classmethod
+    def shared(cls, kubeconfig: str | None = None, context: str | None = None) -> Kube:
+        """The process's client for this choice of kubeconfig and context: one pool, one
+        identity for the reconciler, the metrics writer and the leader election."""
+        with cls._shared_lock:
+            key = (kubeconfig, context)
+            if key not in cls._shared:
+                cls._shared[key] = cls(configuration(kubeconfig, context))
+            return cls._shared[key]
 
     def _request(
         self,
@@ -184,48 +225,39 @@ class Kube:
         content_type: str = "application/json",
         timeout: float | None = None,
     ) -> api.Object:
-        target = self._base + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        headers = {
-            "Accept": "application/json",
-            "Content-Type": content_type,
-            "User-Agent": USER_AGENT,
-        }
-        authorization = self._credentials.authorization()
-        if authorization:
-            headers["Authorization"] = authorization
-        payload = json.dumps(body).encode() if body is not None else None
-        opmetrics.API_REQUESTS.labels(method, resource).inc()
-        status, reason, text = self._send(method, target, payload, headers, timeout)
-        if not 200 <= status <= 299:
-            raise ApiError(status, reason, text)
-        result: api.Object = json.loads(text) if text else {}
-        return result
-
-    def _send(
-        self,
-        method: str,
-        target: str,
-        payload: bytes | None,
-        headers: dict[str, str],
-        timeout: float | None,
-    ) -> tuple[int, str, str]:
-        # A kept-alive connection the server closed fails on first use: one retry on a new one.
-        for fresh in (False, True):
-            connection = self._connection(fresh)
-            connection.timeout = self._timeout if timeout is None else timeout
-            if connection.sock is not None:
-                connection.sock.settimeout(connection.timeout)
+        client = self._client if timeout is None else self._once
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        for attempt in range(1, MAX_THROTTLED_RETRIES + 2):
+            request = client.param_serialize(
+                method,
+                path,
+                query_params=query or [],
+                header_params=dict(headers),
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            opmetrics.API_REQUESTS.labels(method, resource).inc()
+            left = deadline - time.monotonic()
             try:
-                connection.request(method, target, body=payload, headers=headers)
-                response = connection.getresponse()
-                return response.status, response.reason, response.read().decode()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                connection.close()
-                if fresh:
-                    raise
-            except (OSError, http.client.HTTPException):
-                connection.close()
-                raise
+                response = client.call_api(*request, _request_timeout=max(left, 0.1))
+                response.read()  # type: ignore[no-untyped-call]
+            except k8s.ApiException as error:  # raised without an answer (TLS and the like)
+                raise ApiError(
+                    error.status or 0, str(error.reason or ""), error.body or ""
+                ) from error
+            if response.status == 429 and attempt <= MAX_THROTTLED_RETRIES:
+                throttled = k8s.ApiException(http_resp=response)
+                wait = _retry_after(throttled, attempt)
+                if time.monotonic() + wait < deadline:
+                    logger.info("%s %s throttled (429); again in %.1fs", method, path, wait)
+                    time.sleep(wait)
+                    continue
+            text = response.data.decode() if response.data else ""
+            if not 200 <= response.status <= 299:
+                raise ApiError(response.status, response.reason or "", text)
+            result: api.Object = json.loads(text) if text else {}
+            return result
         raise AssertionError("unreachable")
 
     def apply(self, kind: builders.Kind, obj: api.Object) -> api.Object:

@@ -13,8 +13,11 @@
     not included); every verb but GET is a write.
 ``modeldeploy_operator_metrics_collections_total{source, result}`` (counter)
     Runs of the metrics summary per ModelDeployment: ``source`` is ``prometheus`` or
-    ``direct``; ``result`` is ``written``, ``unchanged`` (not material: no write), ``no_data``
-    or ``error``.
+    ``direct``; ``result`` is ``written``, ``unchanged`` (not material: no write), ``no_data``,
+    ``error`` or ``late`` (not done within the interval, e.g. a hung pod: cancelled).
+``modeldeploy_operator_promql_queries_total`` (counter)
+    PromQL queries sent to ``--prometheus-url``: four per interval, whatever the number of
+    ModelDeployments.
 ``modeldeploy_operator_metrics_collection_duration_seconds{source}`` (histogram)
     Time to collect one ModelDeployment's metrics.
 """
@@ -48,4 +51,7 @@ METRICS_COLLECTION_DURATION = prom.Histogram(
     "modeldeploy_operator_metrics_collection_duration_seconds",
     "Time to collect the metrics of one ModelDeployment.",
     ["source"],
+)
+PROMQL_QUERIES = prom.Counter(
+    "modeldeploy_operator_promql_queries", "PromQL queries sent to the configured Prometheus."
 )

@@ -43,13 +43,18 @@ class Reconciler:
         # What this process last wrote, per object. The watches deliver it back a little later;
         # until then what they show is stale, and acting on it alone would write twice.
         self._written: dict[Key, api.Object] = {}
-        self._applied: dict[tuple[Key, builders.Kind], api.Object] = {}
+        # Our last apply of a child, with the resourceVersion the watch showed when we made it.
+        self._applied: dict[tuple[Key, builders.Kind], tuple[api.Object, str | None]] = {}
+        # Events whose transition is written in the status but which are not posted yet: a
+        # failed POST is retried with the reconcile, which would otherwise find nothing to do.
+        self._unposted: dict[Key, status.Event] = {}
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         with self._guard:
             self._locks.pop(key, None)
             self._written.pop(key, None)
+            self._unposted.pop(key, None)
             for kind in builders.CHILD_KINDS:
                 self._applied.pop((key, kind), None)
 
@@ -62,11 +67,13 @@ class Reconciler:
 
     def reconcile(
         self, md: Mapping[str, Any], observed: Observed, gone: Collection[builders.Kind] = ()
-    ) -> None:
-        """Converges one object; `gone` names the child kinds just seen deleted."""
+    ) -> set[builders.Kind]:
+        """Converges one object; `gone` names the child kinds just seen deleted. Returns the
+        kinds it needs that the cluster does not serve (yet): it should be reconciled again
+        later, as installing their CRDs raises no event of ours."""
         metadata = md["metadata"]
         if metadata.get("deletionTimestamp"):
-            return  # the garbage collector removes the children
+            return set()  # the garbage collector removes the children
         key = (metadata["namespace"], metadata["name"])
         with self._lock(key), opmetrics.RECONCILE_DURATION.time():
             for kind in gone:
@@ -76,24 +83,37 @@ class Reconciler:
                 for kind in builders.CHILD_KINDS
                 if (child := self._latest(key, kind, observed.children.get(kind))) is not None
             }
+            unserved: set[builders.Kind] = set()
             try:
-                valid = self._reconcile(md, Observed(children=latest, pods=observed.pods), key)
+                valid = self._reconcile(
+                    md, Observed(children=latest, pods=observed.pods), key, unserved
+                )
             except Exception:
                 opmetrics.RECONCILES.labels("error").inc()
                 raise
             opmetrics.RECONCILES.labels("success" if valid else "invalid").inc()
+            return unserved
 
     def _latest(self, key: Key, kind: builders.Kind, seen: api.Object | None) -> api.Object | None:
-        """The newer of what the watch shows and what our last apply returned."""
-        applied = self._applied.get((key, kind))
-        if applied is None:
+        """The newer of what the watch shows and what our last apply returned.
+
+        resourceVersions are opaque: they are compared for equality only. Once the watch shows
+        our apply's version, or any version other than the one it showed when we applied (its
+        events come in order, so it has moved past that point), the watch is current again.
+        """
+        entry = self._applied.get((key, kind))
+        if entry is None:
             return seen
-        if seen is not None and _revision(seen) >= _revision(applied):
+        applied, seen_before = entry
+        version = _revision(seen)
+        if seen is not None and (version == _revision(applied) or version != seen_before):
             del self._applied[(key, kind)]
             return seen
         return applied
 
-    def _reconcile(self, md: Mapping[str, Any], observed: Observed, key: Key) -> bool:
+    def _reconcile(
+        self, md: Mapping[str, Any], observed: Observed, key: Key, unserved: set[builders.Kind]
+    ) -> bool:
         """Converges and writes the status; False when the spec or an apply was refused."""
         owner = builders.Owner(name=key[1], namespace=key[0], uid=md["metadata"]["uid"])
         spec: api.ModelDeploymentSpec | None = None
@@ -104,7 +124,6 @@ class Reconciler:
             spec_error = api.problems(error)
 
         children = dict(observed.children)
-        unserved: set[builders.Kind] = set()
         if spec is not None:
             try:
                 children = self._converge_children(
@@ -133,15 +152,23 @@ class Reconciler:
         new = computed.model_dump(by_alias=True, exclude_none=True, mode="json")
         ours = {k: v for k, v in stored.items() if k not in _FOREIGN_STATUS}
         valid = spec_error is None and apply_error is None
-        if new in (ours, self._written.get(key)):
-            return valid
-        # A merge patch keeps the foreign keys; keys we no longer set are removed with null.
-        patch: api.Object = {k: None for k in ours if k not in new} | new
-        self._kube.patch_status(owner.namespace, owner.name, patch)
-        self._written[key] = new
-        event = status.transition(previous.get("conditions", []), computed)
-        if event:
-            self._kube.emit_event(dict(md), event.type, event.reason, event.message)
+        if new not in (ours, self._written.get(key)):
+            event = status.transition(previous.get("conditions", []), computed)
+            if event:
+                self._unposted[key] = event  # a newer transition replaces an unposted one
+            # A merge patch keeps the foreign keys; keys we no longer set are removed with null.
+            patch: api.Object = {k: None for k in ours if k not in new} | new
+            self._kube.patch_status(owner.namespace, owner.name, patch)
+            self._written[key] = new
+        unposted = self._unposted.get(key)
+        if unposted is not None:
+            try:
+                self._kube.emit_event(dict(md), unposted.type, unposted.reason, unposted.message)
+            except Exception as error:
+                if not kube.is_permanent(error):
+                    raise  # the reconcile is retried, and posts it then
+                logger.warning("Event %s of %s/%s refused: %s", unposted.reason, *key, error)
+            self._unposted.pop(key, None)
         return valid
 
     def _converge_children(
@@ -176,7 +203,8 @@ class Reconciler:
                     continue
                 # Kept until the watch shows it: without managedFields, as the indexes keep it.
                 applied.get("metadata", {}).pop("managedFields", None)
-                current[kind] = self._applied[(key, kind)] = applied
+                self._applied[(key, kind)] = (applied, _revision(have))
+                current[kind] = applied
                 opmetrics.CHILDREN.labels(kind.kind, _child_action(want, have, converged)).inc()
             elif action is diff.Action.DELETE:
                 assert have is not None
@@ -207,10 +235,6 @@ def _child_action(want: api.Object, have: api.Object | None, converged: bool) ->
     return "repaired" if same_spec else "updated"
 
 
-def _revision(obj: api.Object) -> int:
-    # resourceVersions are opaque by contract, but etcd's are increasing integers; comparing
-    # them is what tells a lagging watch from a newer change.
-    try:
-        return int(obj["metadata"].get("resourceVersion", 0))
-    except ValueError:
-        return 0
+def _revision(obj: api.Object | None) -> str | None:
+    """The object's resourceVersion: opaque, compared for equality only (API conventions)."""
+    return None if obj is None else obj["metadata"].get("resourceVersion")

@@ -24,6 +24,15 @@ def default_runtime_image() -> str:
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
+    kubeconfig: str | None = pydantic.Field(
+        default=None,
+        description="kubeconfig file(s) to use, separated by the path separator as in "
+        "$KUBECONFIG (default: $KUBECONFIG, else ~/.kube/config; in a pod its service account)",
+    )
+    context: str | None = pydantic.Field(
+        default=None,
+        description="the kubeconfig context to use (default: its current context)",
+    )
     namespaces: Annotated[tuple[str, ...], NoDecode] = pydantic.Field(
         default=(),
         description="serve these namespaces (exact names; the operator is not allowed to list "
@@ -86,7 +95,9 @@ class OperatorSettings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @pydantic.field_validator("prometheus_url", "leader_election_namespace", mode="before")
+    @pydantic.field_validator(
+        "kubeconfig", "context", "prometheus_url", "leader_election_namespace", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -53,6 +53,8 @@ FP16_ON_CPU = (
     "than FP32; add an accelerator, or use dynamic-int8 on CPU"
 )
 BATCH_SIZES_MESSAGE = "the largest of batchSizes must equal maxBatchSize, and none exceed it"
+WARMUP_ONE_OF = "warmup takes shapes or uri (sample inputs), exactly one of them"
+WARMUP_SHA256 = "warmup.sha256 checks the file at warmup.uri, which is not given"
 GATEWAY_AND_INGRESS = (
     "gateway and ingress are mutually exclusive: serve the model through an HTTPRoute or an "
     "Ingress, not both"
@@ -197,6 +199,50 @@ class Padding(_Model):
     )
 
 
+class Warmup(_Model):
+    """What the runtime warms the model up with before the pod is Ready: example shapes
+    (zeros) or sample inputs (.npz). Without it the model's own dims are used when all are
+    known, and nothing when one is not: a size is never invented."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel("has(self.shapes) != has(self.uri)", WARMUP_ONE_OF),
+            _cel("!has(self.sha256) || has(self.uri)", WARMUP_SHA256, ".sha256"),
+        )
+    )
+
+    shapes: (
+        dict[str, Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=16)]]
+        | None
+    ) = Field(
+        default=None,
+        max_length=256,
+        description="One request's shape per input, e.g. {images: [1, 3, 640, 640]}; the "
+        "runtime warms up with zeros of these shapes (at every batch size, on axis 0).",
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=_URI_MAX_LENGTH,
+        description="Sample inputs (.npz, one array per input, one request's worth); same "
+        "schemes as model.uri. For models that need real values (a sample rate, token ids).",
+        json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
+    )
+    sha256: str | None = _sha256_field(
+        "Expected SHA-256 of the samples; a mismatch means the model is never served."
+    )
+
+    _uri = field_validator("uri")(_check_uri)
+    _sha256 = field_validator("sha256")(_check_sha256)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Warmup:
+        if (self.shapes is None) == (self.uri is None):
+            raise ValueError(WARMUP_ONE_OF)
+        if self.sha256 is not None and self.uri is None:
+            raise ValueError(WARMUP_SHA256)
+        return self
+
+
 class RuntimeSettings(_Model):
     """How the runtime serves the model."""
 
@@ -218,9 +264,10 @@ class RuntimeSettings(_Model):
     )
     max_batch_size: int = Field(
         default=values.MAX_BATCH_SIZE,
-        ge=1,
+        ge=0,
         le=4096,
-        description="Largest batch the dynamic batcher forms.",
+        description="Largest batch the dynamic batcher forms; 0 never merges requests (each "
+        "runs alone), as is done anyway for a model whose axis 0 is not a batch axis.",
     )
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None,
@@ -234,7 +281,8 @@ class RuntimeSettings(_Model):
         default=values.MAX_BATCH_DELAY_MS,
         ge=0,
         le=10_000,
-        description="Longest time a request waits for others to share its batch.",
+        description="Longest time a request waits for others to share its batch while the "
+        "model is busy; a request that arrives while the model is idle runs at once.",
     )
     max_queue_size: int = Field(
         default=values.MAX_QUEUE_SIZE,
@@ -271,6 +319,12 @@ class RuntimeSettings(_Model):
         default=None,
         description="Variable-length batching (opt-in): requests of different lengths share "
         "padded batches.",
+    )
+    warmup: Warmup | None = Field(
+        default=None,
+        description="Shapes or sample inputs (.npz) to warm up with before the pod is Ready; "
+        "if that warm-up fails the ModelDeployment is Stalled (WarmupFailed). On a GPU it is "
+        "how the shapes of every batch size's session are known.",
     )
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modeldeploy_contract import values
 from modeldeploy_operator import builders
 from modeldeploy_operator import spec as api
 
@@ -19,8 +20,8 @@ _DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 _BROKEN_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
 GATEWAY_API_MISSING = (
     "spec.gateway needs the Gateway API, which this cluster does not serve (no "
-    "gateway.networking.k8s.io/v1 HTTPRoute): install its CRDs (standard channel), then restart "
-    "the operator; everything else is served without the HTTPRoute"
+    "gateway.networking.k8s.io/v1 HTTPRoute): install its CRDs (standard channel): the operator "
+    "picks them up, no restart needed; everything else is served without the HTTPRoute"
 )
 # The HTTPRoute parent conditions that must be True for the route to carry traffic.
 _ROUTE_CONDITIONS = ("Accepted", "ResolvedRefs")
@@ -250,10 +251,11 @@ def _pod_failure(pods: list[api.Object], deployment: api.Object) -> Verdict | No
                     if terminated.get("reason") == "OOMKilled":
                         return _oom_killed(deployment, container, terminated)
                     detail = terminated.get("message") or terminated.get("reason", "error")
+                    warmup = terminated["exitCode"] == values.EXIT_WARMUP_FAILED
                     return Verdict(
                         False,
                         True,
-                        reason,
+                        "WarmupFailed" if warmup and reason == "ModelLoadFailed" else reason,
                         f"{container['name']} exited with {terminated['exitCode']}: "
                         f"{detail.strip()}",
                     )

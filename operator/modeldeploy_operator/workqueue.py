@@ -4,13 +4,17 @@ The watch handlers only add the key of the ModelDeployment an event concerns and
 so that no watched body waits in memory for a reconcile; a few workers take keys and reconcile
 from the indexes. A key is queued at most once however many events arrive for it (they coalesce
 into one reconcile), a key is never reconciled by two workers at once, and a failed reconcile is
-retried later with a growing delay, not forgotten. A periodic resync queues every key again, so
-that what no event triggered (an event lost while the API server was away) still converges.
+retried later with a growing, jittered delay (keys that failed together, in an outage, do not
+come back together); an error that retrying cannot fix (the server refused the request's
+content) is retried a few times only, then left until the next event or resync. A periodic
+resync queues every key again, so that what no event triggered (an event lost while the API
+server was away) still converges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
@@ -19,13 +23,18 @@ N = TypeVar("N", bound=Hashable)
 
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 60.0
+# Each delay is drawn from [delay * (1 - JITTER), delay].
+JITTER = 0.5
+# Attempts at a key whose error is permanent, before it waits for the next event or resync.
+MAX_PERMANENT_ATTEMPTS = 5
 
 
 class WorkQueue(Generic[K, N]):
     """Keys waiting for a worker, each with the notes gathered since it was queued (for example
     the kinds of children seen deleted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, permanent: Callable[[BaseException], bool] = lambda _: False) -> None:
+        self._permanent = permanent
         self._waiting: dict[K, set[N]] = {}  # insertion order: first queued, first served
         self._active: set[K] = set()
         self._ready = asyncio.Condition()
@@ -60,9 +69,19 @@ class WorkQueue(Generic[K, N]):
             if key in self._waiting:
                 self._ready.notify()
 
-    def _retry_later(self, key: K, notes: set[N]) -> float:
+    def _retry_later(self, key: K, notes: set[N], error: BaseException) -> float | None:
+        """Schedules the retry of a failed key; the delay, or None when it is given up."""
         failures = self._failures[key] = self._failures.get(key, 0) + 1
-        delay: float = min(MAX_RETRY_S, FIRST_RETRY_S * 2.0 ** (failures - 1))
+        if self._permanent(error) and failures >= MAX_PERMANENT_ATTEMPTS:
+            self._failures.pop(key, None)
+            return None
+        delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2.0 ** (failures - 1))
+        delay *= random.uniform(1.0 - JITTER, 1.0)
+        self.add_after(key, delay, notes)
+        return delay
+
+    def add_after(self, key: K, delay: float, notes: Iterable[N] = ()) -> None:
+        """Queues `key` (with `notes`) in `delay` seconds."""
 
         async def again() -> None:
             await asyncio.sleep(delay)
@@ -73,7 +92,6 @@ class WorkQueue(Generic[K, N]):
         retry = asyncio.get_running_loop().create_task(again())
         self._retries.add(retry)  # the loop keeps only weak references to tasks
         retry.add_done_callback(self._retries.discard)
-        return delay
 
     def forget(self, key: K) -> None:
         """No more retries for a key whose object is gone."""
@@ -91,15 +109,16 @@ class WorkQueue(Generic[K, N]):
     async def work(
         self,
         handle: Callable[[K, set[N]], Awaitable[None]],
-        on_error: Callable[[K, BaseException, float], None],
+        on_error: Callable[[K, BaseException, float | None], None],
     ) -> None:
-        """One worker: handles keys until the queue is closed."""
+        """One worker: handles keys until the queue is closed. `on_error` is told when the key
+        is tried again, or None when its error is permanent and retrying it was given up."""
         while (taken := await self._take()) is not None:
             key, notes = taken
             try:
                 await handle(key, notes)
             except Exception as error:
-                on_error(key, error, self._retry_later(key, notes))
+                on_error(key, error, self._retry_later(key, notes, error))
             else:
                 self._failures.pop(key, None)
             finally:

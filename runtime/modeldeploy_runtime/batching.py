@@ -1,16 +1,23 @@
 """Dynamic batching: concurrent requests merged along axis 0, padded to fixed sizes, pipelined.
 
 ``merge``/``split``/``padded_size`` are pure; ``Batcher`` owns the queue.  Each request
-waits on its own future.  A batch is formed when it holds the largest batch size's worth
-of examples or when its oldest request has waited ``max_delay``, and it is padded up to
-the next of a small set of sizes, so the session only ever sees those shapes.
+waits on its own future.  Batches are adaptive ("continuous"): a request that arrives while
+the model is idle is dispatched at once, with whatever else is queued, and never waits for
+partners that may not come.  While a batch runs, arrivals queue and form the next batch,
+which is dispatched when the model is free again, when it holds the largest batch size's
+worth of examples, or when its oldest request has waited ``max_delay``; so ``max_delay``
+bounds the wait only while the model is busy, and under load batches grow with the load.
+Each batch is padded up to the next of a small set of sizes, so the session only ever sees
+those shapes.
 
-On a GPU execution is a two-stage pipeline: one thread merges (copies the requests into
-reused buffers and onto the device) while another runs the previous batch; at most one
-batch waits between the stages.  On CPU the model's threads already use every core, so a
-batch is merged and run in one go by the inference thread (one thread hop per batch, which
-measured faster there), and the next batch forms when it is done.  Either way the rest
-keep queueing, so under load batches grow without any added delay.
+On a GPU execution is a two-stage pipeline: one thread merges (copies the requests onto
+the device) while another runs the previous batch; at most one batch waits between the
+stages.  The model counts as busy from a batch's dispatch to its end, so the batch that
+forms while another runs is not cut the moment the pipeline has room (it would hold only
+the few requests that came during the merge) but grows as on CPU.  On CPU the model's
+threads already use every core, so a batch is merged and run in one go by the inference
+thread (one thread hop per batch, which measured faster there), and the next batch is
+dispatched when it is done.
 
 When a merged batch fails, its requests are re-run in halves, so only the requests that
 fail on their own get an error, and only their own.
@@ -299,6 +306,8 @@ class Batcher:
         # Batches formed and not yet running (pipelined) or not yet done: at most one, so
         # the rest keep growing.
         self._waiting = 0
+        # Batches dispatched and not yet done: the model is idle when there are none.
+        self._busy = 0
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
@@ -371,23 +380,32 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            deadline = self._pending[0].enqueued + self._max_delay_s
-            while self._pending_examples < self.max_batch_size and not self._closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._wake.wait()
-                except TimeoutError:
-                    break
+            if self._busy:
+                await self._grow()
+            elif self._pending_examples < self.max_batch_size:
+                # One loop turn: requests whose bytes have already arrived reach the queue.
+                await asyncio.sleep(0)
             batch = self._take()
             if batch:
                 self._waiting += 1
+                self._busy += 1
                 task = loop.create_task(self._process(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
+
+    async def _grow(self) -> None:
+        """While the model is busy: wait until it is free, the batch full, or the oldest late."""
+        deadline = self._pending[0].enqueued + self._max_delay_s
+        while self._busy and self._pending_examples < self.max_batch_size and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
 
     def _take(self) -> list[_Request]:
         """The oldest request and the queued ones compatible with it, up to the max size."""
@@ -409,6 +427,13 @@ class Batcher:
         return batch
 
     async def _process(self, batch: list[_Request]) -> None:
+        try:
+            await self._prepare_and_finish(batch)
+        finally:
+            self._busy -= 1
+            self._wake.set()
+
+    async def _prepare_and_finish(self, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
         rows = sum(r.size for r in batch)
         padded = padded_size(self.sizes, rows)
@@ -485,6 +510,15 @@ class Batcher:
         with self._stats.inference_duration.time():
             outputs = run()
         sizes = [r.size for r in batch]
+        padded = padded_size(self.sizes, sum(sizes))
+        for output in outputs:
+            # An output whose axis 0 is not the batch is never cut along it: a wrong answer
+            # is worse than an error (the model should have been served unbatched).
+            if output.ndim == 0 or output.shape[0] != padded:
+                raise ValueError(
+                    f"the model returned an output of shape {list(output.shape)} for a batch "
+                    f"of {padded}: its axis 0 is not the batch"
+                )
         parts = split(outputs, sizes, [r.length for r in batch], self._padding)
         self._stats.batch_size.observe(sum(sizes))
         return list(parts)
@@ -498,3 +532,68 @@ class Batcher:
                 request.future.set_exception(result)
             else:
                 request.future.set_result(result)
+
+
+class Unbatched:
+    """Requests that are never merged: each runs alone, as it came, up to ``concurrency`` at
+    once (an ONNX Runtime session takes concurrent runs).  For models whose axis 0 is not a
+    batch axis, as Triton serves a model with ``max_batch_size: 0``."""
+
+    max_batch_size = 0
+
+    def __init__(
+        self,
+        run: Callable[[Inputs], Sequence[tensors.Array]],
+        *,
+        concurrency: int,
+        max_queue_size: int,
+        stats: metrics.ModelMetrics,
+        max_queue_bytes: int | None = None,
+    ) -> None:
+        self._run_one = run
+        self._max_queue_size = max_queue_size
+        self._max_queue_bytes = max_queue_bytes
+        self._stats = stats
+        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, "inference")
+        self._queued: set[asyncio.Future[list[tensors.Array]]] = set()
+        self._queued_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop."""
+        if self._queued:
+            await asyncio.gather(*self._queued, return_exceptions=True)
+        self._pool.shutdown()
+
+    def enqueue(self, inputs: Inputs, size: int) -> asyncio.Future[list[tensors.Array]]:
+        if self._loop is None:
+            raise RuntimeError("the batcher is not started")
+        if len(self._queued) >= self._max_queue_size:
+            raise QueueFullError(f"the request queue is full ({self._max_queue_size} requests)")
+        nbytes = sum(array.nbytes for array in inputs.values())
+        limit = self._max_queue_bytes
+        if limit is not None and self._queued and self._queued_bytes + nbytes > limit:
+            raise QueueFullError(f"the request queue is full ({limit} bytes of tensors)")
+        future = self._loop.run_in_executor(self._pool, self._run, inputs, time.monotonic())
+        self._queued.add(future)
+        self._queued_bytes += nbytes
+
+        def done(_: asyncio.Future[list[tensors.Array]]) -> None:
+            self._queued.discard(future)
+            self._queued_bytes -= nbytes
+
+        future.add_done_callback(done)
+        return future
+
+    async def submit(self, inputs: Inputs, size: int) -> list[tensors.Array]:
+        return await self.enqueue(inputs, size)
+
+    def _run(self, inputs: Inputs, enqueued: float) -> list[tensors.Array]:
+        self._stats.queue_duration.observe(time.monotonic() - enqueued)
+        with self._stats.inference_duration.time():
+            outputs = list(self._run_one(inputs))
+        self._stats.batch_size.observe(1)
+        return outputs

@@ -19,7 +19,7 @@ from typing import Any
 
 import pydantic
 
-from modeldeploy_contract import flags
+from modeldeploy_contract import flags, values
 from modeldeploy_runtime import fetch, settings
 
 logger = logging.getLogger("modeldeploy_runtime")
@@ -72,7 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(flags.flag(flags.CALIBRATION_PATH), metavar="C", help=".npz of sample inputs")
     run.add_argument(
-        flags.flag(flags.MAX_BATCH_SIZE), type=int, help="examples per batch (default 32)"
+        flags.flag(flags.WARMUP_PATH), metavar="W", help=".npz of one request's inputs to warm up"
+    )
+    run.add_argument(
+        flags.flag(flags.WARMUP_SHAPES),
+        metavar="JSON",
+        help='input shapes to warm up with zeros, e.g. {"x": [1, 3, 224, 224]}',
+    )
+    run.add_argument(
+        flags.flag(flags.MAX_BATCH_SIZE),
+        type=int,
+        help="examples per batch (default 32); 0 = never merge requests",
     )
     run.add_argument(
         flags.flag(flags.BATCH_SIZES),
@@ -182,6 +192,10 @@ def _serve(config: settings.ServeSettings) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(server.serve(config, workers))
+    except model.WarmupError as error:
+        logger.error("%s", error)
+        _last_words(error)
+        return values.EXIT_WARMUP_FAILED
     except Exception as error:
         logger.exception("the runtime failed")
         _last_words(f"the runtime failed: {type(error).__name__}: {error}")

@@ -34,6 +34,8 @@ MAX_DIM = 2**31 - 1
 OFFLOAD_BYTES = 1 << 20
 
 Decoded = TypeVar("Decoded")
+# Triton's names of the datatypes, in its model configuration.
+_TRITON_TYPES = {name: f"TYPE_{name}" for name in tensors.DATATYPES} | {"BYTES": "TYPE_STRING"}
 
 
 class InferenceError(Exception):
@@ -203,6 +205,27 @@ class DataPlane:
             "platform": "onnxruntime_onnx",
             "inputs": describe(served.inputs),
             "outputs": describe(served.outputs),
+        }
+
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration (``GET /v2/models/<name>/config``): ``max_batch_size``
+        is 0 when requests are never merged, and then the dims are the whole shapes."""
+        self.check_model(name, version)
+        served, _ = self._loaded()
+        first = 1 if served.batchable else 0
+
+        def describe(specs: Sequence[tensors.TensorSpec]) -> list[dict[str, Any]]:
+            return [
+                {"name": s.name, "data_type": _TRITON_TYPES[s.datatype], "dims": s.shape[first:]}
+                for s in specs
+            ]
+
+        return {
+            "name": self.name,
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": served.max_batch_size,
+            "input": describe(served.inputs),
+            "output": describe(served.outputs),
         }
 
     async def handle(

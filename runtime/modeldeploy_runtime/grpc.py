@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -78,6 +79,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in described["inputs"]],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in described["outputs"]],
         )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+        try:
+            config = self._plane.model_config(request.name, request.version)
+        except dataplane.InferenceError as error:
+            await context.abort(_CODES[type(error)], str(error))
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
         plane = self._plane

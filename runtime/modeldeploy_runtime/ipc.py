@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import logging
 import marshal
 import math
 import mmap
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from modeldeploy_runtime import batching, tensors
+
+logger = logging.getLogger(__name__)
 
 _ALIGN = 64
 _OBJECT = tensors.OBJECT
@@ -233,28 +236,27 @@ class EngineClient:
 
     def deliver(self, request_id: int, ok: bool, payload: Any) -> None:
         future, start, need = self._pending.pop(request_id)
-        if ok:
-            outputs = [
-                _from_bytes(inline, dtype, shape)
-                if inline is not None
-                else np.array(self._arena.view(offset, shape, dtype))
-                for dtype, shape, offset, inline in payload
-            ]
-        self._arena.free(start, need)
+        try:
+            result: list[tensors.Array] | Exception = (
+                [
+                    _from_bytes(inline, dtype, shape)
+                    if inline is not None
+                    else np.array(self._arena.view(offset, shape, dtype))
+                    for dtype, shape, offset, inline in payload
+                ]
+                if ok
+                else _error(*payload)
+            )
+        except Exception as error:
+            result = RuntimeError(f"the engine's answer could not be read: {_describe(error)}")
+        finally:
+            self._arena.free(start, need)
         if future.done():
             return
-        if ok:
-            future.set_result(outputs)
+        if isinstance(result, Exception):
+            future.set_exception(result)
         else:
-            kind, message = payload
-            error: Exception = (
-                batching.QueueFullError(message)
-                if kind == QUEUE_FULL
-                else batching.InvalidRequestError(message)
-                if kind == INVALID
-                else RuntimeError(message)
-            )
-            future.set_exception(error)
+            future.set_result(result)
 
     def fail_all(self, message: str) -> None:
         for future, _, _ in self._pending.values():
@@ -276,6 +278,7 @@ class WorkerLink:
         self._queued: dict[int, asyncio.Future[list[tensors.Array]]] = {}
 
     def handle(self, message: Any) -> None:
+        """Queue one message's request; any error fails that request alone, with its reason."""
         if message[0] == CANCEL:
             future = self._queued.get(message[1])
             if future is not None:
@@ -296,6 +299,10 @@ class WorkerLink:
         except ValueError as error:
             self._channel.send((RESULTS, request_id, False, (INVALID, str(error))))
             return
+        except Exception as error:
+            logger.exception("request %d could not be queued", request_id)
+            self._channel.send((RESULTS, request_id, False, (FAILED, _describe(error))))
+            return
         self._queued[request_id] = future
         future.add_done_callback(lambda done: self._reply(request_id, out_offset, capacity, done))
 
@@ -303,12 +310,21 @@ class WorkerLink:
         self, request_id: int, offset: int, capacity: int, done: asyncio.Future[list[tensors.Array]]
     ) -> None:
         del self._queued[request_id]
+        try:
+            self._send_outputs(request_id, offset, capacity, done)
+        except Exception as error:
+            logger.exception("the outputs of request %d could not be sent", request_id)
+            self._channel.send((RESULTS, request_id, False, (FAILED, _describe(error))))
+
+    def _send_outputs(
+        self, request_id: int, offset: int, capacity: int, done: asyncio.Future[list[tensors.Array]]
+    ) -> None:
         if done.cancelled():
             self._channel.send((RESULTS, request_id, False, (FAILED, "cancelled")))
             return
         error = done.exception()
         if error is not None:
-            self._channel.send((RESULTS, request_id, False, (FAILED, str(error))))
+            self._channel.send((RESULTS, request_id, False, (FAILED, _describe(error))))
             return
         described: list[tuple[str, tuple[int, ...], int, bytes | None]] = []
         end = offset + capacity
@@ -324,3 +340,16 @@ class WorkerLink:
                 inline = np.ascontiguousarray(output).tobytes()
                 described.append((output.dtype.str, output.shape, 0, inline))
         self._channel.send((RESULTS, request_id, True, described))
+
+
+def _error(kind: str, message: str) -> Exception:
+    if kind == QUEUE_FULL:
+        return batching.QueueFullError(message)
+    if kind == INVALID:
+        return batching.InvalidRequestError(message)
+    return RuntimeError(message)
+
+
+def _describe(error: BaseException) -> str:
+    """An error as a client reads it: its message, or its type when it has none."""
+    return str(error) or type(error).__name__

@@ -6,10 +6,11 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from modeldeploy_runtime import settings, tensors
@@ -96,20 +97,34 @@ class OnnxModel:
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.device_used = "cpu"
-        # The batch sizes the sessions run at: those loaded with, (1,) for a fixed batch.
+        # The batch sizes the sessions run at: those loaded with; () when requests are never
+        # merged, for the reasons in ``unbatched``.
         self.sizes: tuple[int, ...] = (1,)
+        self.unbatched: tuple[str, ...] = ()
 
-    def load(self, sizes: Sequence[int] = ()) -> None:
-        """Create the sessions; ``sizes`` are the batch sizes that get one each on a GPU."""
+    def load(self, sizes: Sequence[int] = (1,)) -> None:
+        """Create the sessions; ``sizes`` are the batch sizes that get one each on a GPU.
+
+        No sizes, or a model whose axis 0 is not a batch axis (``batch_problems``), means no
+        merging: each request runs alone, as it came.
+        """
         self._session = self._new_session()
         self.device_used = (
             "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         )
-        self.inputs = tuple(_spec(node) for node in self._session.get_inputs())
-        self.outputs = tuple(_spec(node) for node in self._session.get_outputs())
-        batchable = Signature(self.inputs, self.outputs, ()).batchable
-        self.sizes = tuple(sizes) if sizes and batchable else (1,)
-        if self.device_used == "cuda" and batchable:
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        self.inputs = tuple(_spec(node) for node in inputs)
+        self.outputs = tuple(_spec(node) for node in outputs)
+        self.unbatched = batch_problems(
+            [(node.name, _dims(node)) for node in inputs],
+            [(node.name, _dims(node)) for node in outputs],
+        )
+        if not sizes:
+            self.unbatched = ("maxBatchSize is 0", *self.unbatched)
+        self.sizes = () if self.unbatched else tuple(sizes)
+        if self.unbatched:
+            logger.info("requests are not merged: %s", "; ".join(self.unbatched))
+        if self.device_used == "cuda" and self.sizes:
             self._sessions = {size: self._new_session() for size in self.sizes[1:]}
             self._sessions[self.sizes[0]] = self._session
         logger.info(
@@ -119,6 +134,13 @@ class OnnxModel:
             self._config.threads or cpu_limit(),
             len(self._sessions) or 1,
         )
+
+    def unbatch(self, reason: str) -> None:
+        """Stop merging requests, for a reason found after loading (an output's rows)."""
+        self.unbatched = (*self.unbatched, reason)
+        self.sizes = ()
+        self._sessions = {}
+        logger.warning("requests are not merged: %s", reason)
 
     def _new_session(self) -> ort.InferenceSession:
         config = self._config
@@ -172,15 +194,149 @@ class OnnxModel:
         self._session = None
         self._sessions = {}
 
-    def example_inputs(self, batch: int = 1) -> dict[str, Array]:
-        """Zeros shaped like the inputs, dynamic dims set to ``batch`` (first) or 1."""
+    def example_inputs(self, batch: int = 1) -> dict[str, Array] | None:
+        """Zeros shaped like the inputs with ``batch`` rows, or None when a dimension other
+        than the batch is unknown: an invented size can be impossible for the model."""
+        shapes = {}
+        for spec in self.inputs:
+            dims = list(spec.shape)
+            if self.sizes and dims:
+                dims[0] = batch
+            if any(d < 0 for d in dims):
+                return None
+            shapes[spec.name] = dims
         return {
-            spec.name: tensors.filled(
-                tuple(batch if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(spec.shape)),
-                DATATYPES[spec.datatype],
-            )
+            spec.name: tensors.filled(tuple(shapes[spec.name]), DATATYPES[spec.datatype])
             for spec in self.inputs
         }
+
+
+class WarmupError(Exception):
+    """The warm-up the user asked for cannot run, or failed: the model is not served."""
+
+
+def warmup_example(
+    served: OnnxModel,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    samples: Path | None = None,
+) -> tuple[dict[str, Array] | None, str]:
+    """One request's inputs to warm up with, and where they come from (for the log).
+
+    The user's samples (.npz) or shapes (zeros) come first; else zeros when the model's dims
+    are all known; else None, and the reason: a size is never invented.  Raises WarmupError
+    when what the user gave does not fit the model.
+    """
+    if samples is not None:
+        try:
+            with np.load(samples, allow_pickle=False) as archive:
+                given = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError) as error:
+            raise WarmupError(f"warm-up samples {samples} cannot be read: {error}") from None
+        return _fitted(served, given, "samples"), f"the warm-up samples {samples.name}"
+    if shapes is not None:
+        _same_names(served, shapes, "shapes")
+        zeros = {
+            spec.name: tensors.filled(tuple(shapes[spec.name]), DATATYPES[spec.datatype])
+            for spec in served.inputs
+        }
+        return _fitted(served, zeros, "shapes"), "the warm-up shapes"
+    example = served.example_inputs()
+    if example is None:
+        unknown = [
+            f"{spec.name} {list(spec.shape)}"
+            for spec in served.inputs
+            if -1 in (spec.shape[1:] if served.sizes else spec.shape)
+        ]
+        return None, (
+            f"input dims unknown ({', '.join(unknown)}, -1 is unknown) and no warm-up given "
+            "(spec.runtime.warmup)"
+        )
+    return example, "zeros of the model's own shapes"
+
+
+def _same_names(served: OnnxModel, given: Mapping[str, Any], what: str) -> None:
+    names = {spec.name for spec in served.inputs}
+    if given.keys() != names:
+        raise WarmupError(
+            f"the warm-up {what} name {sorted(given)}, but the model's inputs are {sorted(names)}"
+        )
+
+
+def _fitted(served: OnnxModel, given: Mapping[str, Array], what: str) -> dict[str, Array]:
+    """The user's warm-up inputs, checked against the model's inputs: names, dtypes, dims."""
+    _same_names(served, given, what)
+    for spec in served.inputs:
+        array = given[spec.name]
+        if array.dtype != DATATYPES[spec.datatype]:
+            raise WarmupError(
+                f"warm-up input {spec.name!r} is {array.dtype}, the model takes {spec.datatype}"
+            )
+        fits = array.ndim == len(spec.shape) and all(
+            want < 0 or got == want for got, want in zip(array.shape, spec.shape, strict=True)
+        )
+        if not fits or (served.sizes and array.shape[0] < 1):
+            raise WarmupError(
+                f"warm-up input {spec.name!r} has shape {list(array.shape)}, the model's is "
+                f"{list(spec.shape)} (-1 is any size)"
+            )
+    return dict(given)
+
+
+def batch_of(example: Mapping[str, Array], rows: int) -> dict[str, Array]:
+    """The example's rows repeated (or cut) to ``rows``: a batch of that size."""
+    return {
+        name: np.take(array, np.arange(rows) % array.shape[0], axis=0)
+        for name, array in example.items()
+    }
+
+
+# The dims ONNX Runtime reports: a size, a symbol's name, or None when unknown.
+Dims = Sequence[int | str | None]
+
+
+def batch_problems(
+    inputs: Iterable[tuple[str, Dims]], outputs: Iterable[tuple[str, Dims]]
+) -> tuple[str, ...]:
+    """Why axis 0 is not one batch axis shared by every input and output; () when it is.
+
+    Read from the graph: a scalar has no batch axis, a fixed first dim above 1 is not a batch,
+    and the symbol of an input's first dim (``batch``, ``N``) found on another axis anywhere
+    means the batch is carried there too (a recurrent ``state [2, N, 128]``).  An output whose
+    first dim is unknown is checked on its rows at warm-up (``row_problem``).
+    """
+    tensors_ = [("input", name, dims) for name, dims in inputs]
+    tensors_ += [("output", name, dims) for name, dims in outputs]
+    symbols = {dims[0] for kind, _, dims in tensors_ if kind == "input" and dims}
+    # "?" is how some exporters write an unnamed dim: it names nothing shared.
+    symbols = {s for s in symbols if isinstance(s, str) and s not in ("", "?")}
+    problems = []
+    for kind, name, dims in tensors_:
+        if not dims:
+            problems.append(f"{kind} {name!r} is a scalar (rank 0)")
+            continue
+        if isinstance(dims[0], int) and dims[0] != 1:
+            problems.append(f"{kind} {name!r} has a fixed first dim of {dims[0]}")
+        elif isinstance(dims[0], int):
+            problems.append(f"{kind} {name!r} has a fixed batch of 1")
+        for axis, dim in enumerate(dims[1:], start=1):
+            if dim in symbols:
+                problems.append(f"{kind} {name!r} has the batch dim {dim!r} on axis {axis}")
+    return tuple(problems)
+
+
+def row_problem(outputs: Sequence[TensorSpec], results: Sequence[Array], rows: int) -> str | None:
+    """Why an output run on ``rows`` examples shows its axis 0 is not a batch axis."""
+    for spec, result in zip(outputs, results, strict=True):
+        if result.ndim == 0 or result.shape[0] != rows:
+            return (
+                f"output {spec.name!r} has shape {list(result.shape)} for a batch of {rows}, "
+                "so its axis 0 is not the batch"
+            )
+    return None
+
+
+def _dims(node: ort.NodeArg) -> Dims:
+    return [d if isinstance(d, int | str) else None for d in node.shape]
 
 
 def _spec(node: ort.NodeArg) -> TensorSpec:

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnxruntime import quantization as ortq
 from onnxruntime.transformers import float16
 
-from modeldeploy_runtime import model, settings
+from modeldeploy_runtime import model, settings, tensors
 
 logger = logging.getLogger(__name__)
 
@@ -141,19 +141,32 @@ def load_samples(path: Path, inputs: tuple[model.TensorSpec, ...]) -> dict[str, 
     return samples
 
 
-def random_samples(inputs: tuple[model.TensorSpec, ...], rows: int = 64) -> dict[str, model.Array]:
-    """Stand-in samples when none are given: a fixed seed keeps the measurement repeatable."""
+def random_samples(
+    reference: model.OnnxModel,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    rows: int = 64,
+) -> tuple[dict[str, model.Array] | None, str]:
+    """Stand-in samples when none are given (a fixed seed keeps the measurement repeatable),
+    shaped as the warm-up shapes say or as the model's own dims; None, and why, when a dim is
+    unknown or the model does not batch: a size is never invented."""
+    if not reference.sizes:
+        return None, "the model does not batch on axis 0, and no calibration data is given"
     rng = np.random.default_rng(0)
     samples: dict[str, model.Array] = {}
-    for spec in inputs:
-        shape = [rows, *(max(d, 1) for d in spec.shape[1:])]
+    for spec in reference.inputs:
+        dims = tuple(shapes[spec.name][1:]) if shapes and spec.name in shapes else spec.shape[1:]
+        if any(d < 0 for d in dims):
+            return None, (
+                f"input {spec.name} {list(spec.shape)} has unknown dims (-1) and no calibration "
+                "data (calibrationUri) or warm-up shapes (spec.runtime.warmup) give them"
+            )
         dtype = model.DATATYPES[spec.datatype]
         samples[spec.name] = (
-            rng.standard_normal(shape).astype(dtype)
+            rng.standard_normal((rows, *dims)).astype(dtype)
             if np.issubdtype(dtype, np.floating)
-            else np.zeros(shape, dtype)
+            else tensors.filled((rows, *dims), dtype)
         )
-    return samples
+    return samples, ""
 
 
 def compare(

@@ -60,6 +60,13 @@ class Endpoints:
         except dataplane.InferenceError as error:
             return _error(_STATUS[type(error)], str(error))
 
+    async def model_config(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        try:
+            return _json(self._plane.model_config(name, version))
+        except dataplane.InferenceError as error:
+            return _error(_STATUS[type(error)], str(error))
+
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         try:
@@ -117,6 +124,7 @@ def create_app(plane: dataplane.DataPlane, max_body: int, path_prefix: str = "")
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             app.router.add_get(root + model, endpoints.model_metadata)
             app.router.add_get(root + model + "/ready", endpoints.model_ready)
+            app.router.add_get(root + model + "/config", endpoints.model_config)
             app.router.add_post(root + model + "/infer", endpoints.infer)
     return app
 

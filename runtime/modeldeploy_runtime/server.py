@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 
 from modeldeploy_runtime import (
     batching,
@@ -54,35 +53,78 @@ def load(config: settings.ServeSettings, stats: metrics.ModelMetrics) -> model.O
     else:
         reference = model.OnnxModel(path, session_config)
         reference.load()
-        samples = (
-            quantization.load_samples(config.calibration_path, reference.inputs)
+        samples, unmeasured = (
+            (quantization.load_samples(config.calibration_path, reference.inputs), "")
             if config.calibration_path is not None
-            else quantization.random_samples(reference.inputs)
+            else quantization.random_samples(reference, config.warmup_shapes)
         )
         calibration = samples if config.quantization is settings.Quantization.STATIC_INT8 else None
         quantized = quantization.quantize(path, config.quantization, calibration, config.cache_dir)
         served = model.OnnxModel(quantized, session_config)
         served.load(sizes)
-        accuracy = quantization.compare(reference, served, samples)
+        if samples is None:
+            logger.warning(
+                "%s: agreement with FP32 not measured: %s", config.quantization.value, unmeasured
+            )
+        else:
+            accuracy = quantization.compare(reference, served, samples)
+            logger.info(
+                "%s vs FP32 on %d samples: top-1 agreement %.4f, max abs error %.6g",
+                config.quantization.value,
+                accuracy.samples,
+                accuracy.top1_agreement,
+                accuracy.max_abs_error,
+            )
+            stats.set_quantization_accuracy(accuracy.top1_agreement, accuracy.max_abs_error)
         reference.unload()
-        logger.info(
-            "%s vs FP32 on %d samples: top-1 agreement %.4f, max abs error %.6g",
-            config.quantization.value,
-            accuracy.samples,
-            accuracy.top1_agreement,
-            accuracy.max_abs_error,
-        )
-        stats.set_quantization_accuracy(accuracy.top1_agreement, accuracy.max_abs_error)
     stats.set_model_info(config.model_version, config.quantization.value, served.device_used)
     return served
 
 
 def _warm_up(
-    session_runner: runner.SessionRunner, served: model.OnnxModel, sizes: Sequence[int]
+    session_runner: runner.SessionRunner, served: model.OnnxModel, example: batching.Inputs
 ) -> None:
-    for size in sizes:
+    """Run every batch size twice (each session's first run is slow), or the example alone
+    when requests are not merged; an output whose rows do not follow the batch turns
+    merging off."""
+    for size in served.sizes:
+        inputs = model.batch_of(example, size)
         for _ in range(2):
-            session_runner.run(session_runner.prepare([served.example_inputs(size)], size, size))
+            outputs = session_runner.run(session_runner.prepare([inputs], size, size))
+        problem = model.row_problem(served.outputs, outputs, size)
+        if problem is not None:
+            served.unbatch(problem)
+            break
+    if not served.sizes:
+        for _ in range(2):
+            session_runner.run_once(example)
+
+
+async def _warm_up_if_known(
+    config: settings.ServeSettings, session_runner: runner.SessionRunner, served: model.OnnxModel
+) -> None:
+    """Warm up with what the user gave, else with what the model's dims say; never invent.
+
+    A warm-up the user asked for that fails stops the start (model.WarmupError); one they
+    did not ask for is only logged.
+    """
+    asked = config.warmup_path is not None or config.warmup_shapes is not None
+    example, origin = model.warmup_example(served, config.warmup_shapes, config.warmup_path)
+    if example is None:
+        logger.warning("no warm-up: %s; the first requests will be slower", origin)
+        return
+    try:
+        await asyncio.to_thread(_warm_up, session_runner, served, example)
+    except Exception as error:
+        if asked:
+            raise model.WarmupError(f"the warm-up with {origin} failed: {error}") from error
+        logger.warning("the warm-up with %s failed, serving without it: %s", origin, error)
+        return
+    logger.info(
+        "warmed up with %s at batch sizes %s",
+        origin,
+        list(served.sizes) if served.sizes else "none (requests are not merged)",
+    )
 
 
 def _padding(config: settings.ServeSettings, served: model.Signature) -> batching.Padding | None:
@@ -112,29 +154,39 @@ class _Backend:
         self.config = config
         self.stats = stats
         self.model: model.OnnxModel | None = None
-        self.batcher: batching.Batcher | None = None
+        self.batcher: batching.Batcher | batching.Unbatched | None = None
         self.signature: model.Signature | None = None
 
-    async def start(self, *, bound_bytes: bool) -> batching.Batcher:
+    async def start(self, *, bound_bytes: bool) -> batching.Batcher | batching.Unbatched:
         config = self.config
         served = await asyncio.to_thread(load, config, self.stats)
         self.model = served
-        self.signature = served.signature
-        sizes = served.sizes
         session_runner = runner.SessionRunner(served, config.cuda_device_id)
         # Every size runs before traffic (each session's first run is slow), through both
         # pipeline slots so their buffers exist; warm-up is kept out of the metrics.
-        await asyncio.to_thread(_warm_up, session_runner, served, sizes)
-        self.batcher = batching.Batcher(
-            session_runner,
-            padding=_padding(config, served.signature),
-            sizes=sizes,
-            max_delay_s=config.max_batch_delay_ms / 1000,
-            max_queue_size=config.max_queue_size,
-            max_queue_bytes=config.max_queue_bytes if bound_bytes else None,
-            stats=self.stats,
-            pipelined=served.device_used == "cuda",
-        )
+        await _warm_up_if_known(config, session_runner, served)
+        self.signature = served.signature
+        max_queue_bytes = config.max_queue_bytes if bound_bytes else None
+        padding = _padding(config, served.signature)
+        if not served.sizes:
+            self.batcher = batching.Unbatched(
+                session_runner.run_once,
+                concurrency=config.threads or model.cpu_limit(),
+                max_queue_size=config.max_queue_size,
+                max_queue_bytes=max_queue_bytes,
+                stats=self.stats,
+            )
+        else:
+            self.batcher = batching.Batcher(
+                session_runner,
+                padding=padding,
+                sizes=served.sizes,
+                max_delay_s=config.max_batch_delay_ms / 1000,
+                max_queue_size=config.max_queue_size,
+                max_queue_bytes=max_queue_bytes,
+                stats=self.stats,
+                pipelined=served.device_used == "cuda",
+            )
         self.batcher.start()
         return self.batcher
 
@@ -222,6 +274,8 @@ class Engine:
             self._arenas.append(ipc.Arena.create(arena_bytes))
             await self._spawn(index)
         await self._backend.start(bound_bytes=False)
+        for _, arena in self._arenas:
+            self._pin(arena)
         for child in self._workers:
             self._send_ready(child)
         logger.info(
@@ -269,14 +323,25 @@ class Engine:
         link = ipc.WorkerLink(child.channel, arena, self._enqueue)
         while (messages := await child.channel.receive()) is not None:
             for message in messages:
-                link.handle(message)
+                try:
+                    link.handle(message)
+                except Exception:
+                    # A message this engine cannot even read fails no one else's request.
+                    logger.exception("worker %d sent a message that was dropped", child.index)
         returncode = await asyncio.to_thread(child.process.wait)
         metrics.process_exited(child.process.pid)
         if not self._stopping:
             logger.error("worker %d exited with %s; starting it again", child.index, returncode)
             # A fresh arena: the engine may still hold views of the old one's requests.
             self._arenas[child.index] = ipc.Arena.create(self._arenas[child.index][1].size)
+            self._pin(self._arenas[child.index][1])
             await self._spawn(child.index)
+
+    def _pin(self, arena: ipc.Arena) -> None:
+        """On a GPU, requests are copied from the arenas straight to the device: pin them."""
+        served = self._backend.model
+        if served is not None and served.device_used == "cuda":
+            runner.pin(arena.memory)
 
     def _enqueue(self, inputs: batching.Inputs, size: int) -> asyncio.Future[list[model.Array]]:
         if self._backend.batcher is None:

@@ -85,10 +85,15 @@ class ServeSettings(BaseSettings):
     model_version: str = pydantic.Field(default=values.DEFAULT_MODEL_VERSION, min_length=1)
     quantization: Quantization = Quantization.NONE
     calibration_path: Path | None = None
-    max_batch_size: int = pydantic.Field(default=values.MAX_BATCH_SIZE, ge=1)
+    # 0: requests are never merged; each runs alone (also chosen when the graph says so).
+    max_batch_size: int = pydantic.Field(default=values.MAX_BATCH_SIZE, ge=0)
     # Every batch is padded up to one of these sizes, so the session only ever sees them.
     # None: powers of two up to max_batch_size on a GPU, every size (no padding) on CPU.
     batch_sizes: Annotated[tuple[int, ...] | None, NoDecode] = None
+    # What to warm up with: one request's inputs (.npz), or their shapes (zeros); without
+    # them the model's own dims, when all are known.  Never invented (README: warm-up).
+    warmup_path: Path | None = None
+    warmup_shapes: Annotated[dict[str, tuple[int, ...]] | None, NoDecode] = None
     max_batch_delay_ms: float = pydantic.Field(default=values.MAX_BATCH_DELAY_MS, ge=0)
     max_queue_size: int = pydantic.Field(default=values.MAX_QUEUE_SIZE, ge=1)
     # Bytes of queued request tensors; beyond it requests get 429 / RESOURCE_EXHAUSTED.
@@ -144,6 +149,26 @@ class ServeSettings(BaseSettings):
                 raise ValueError(f"padding must be a JSON object: {error}") from None
         return value
 
+    @pydantic.field_validator("warmup_shapes", mode="before")
+    @classmethod
+    def _parse_shapes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'warmup_shapes must be a JSON object of input shapes, e.g. {"x": [1, 3]}, '
+                    f"not {value!r}"
+                ) from None
+        return value
+
+    @pydantic.field_validator("warmup_shapes")
+    @classmethod
+    def _check_shapes(cls, value: dict[str, tuple[int, ...]] | None) -> Any:
+        if value is not None and any(d < 0 for shape in value.values() for d in shape):
+            raise ValueError("warmup_shapes: every dim must be a size, at least 0")
+        return value
+
     @pydantic.field_validator("batch_sizes")
     @classmethod
     def _check_sizes(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -157,6 +182,8 @@ class ServeSettings(BaseSettings):
     def _consistent(self) -> ServeSettings:
         if self.quantization is Quantization.STATIC_INT8 and self.calibration_path is None:
             raise ValueError("quantization static-int8 needs calibration_path (.npz of inputs)")
+        if self.warmup_path is not None and self.warmup_shapes is not None:
+            raise ValueError("give warmup_path or warmup_shapes, not both")
         if self.batch_sizes is not None and self.batch_sizes[-1] != self.max_batch_size:
             raise ValueError(
                 f"the largest of batch_sizes {list(self.batch_sizes)} must equal "
@@ -168,6 +195,8 @@ class ServeSettings(BaseSettings):
         """The batch sizes the session runs at: given, or the default for the device."""
         if self.batch_sizes is not None:
             return self.batch_sizes
+        if self.max_batch_size == 0:
+            return ()
         if device != Device.CUDA:
             # On CPU a padded row costs as much as a real one: run every size as it comes.
             return tuple(range(1, self.max_batch_size + 1))

@@ -13,7 +13,6 @@ little-endian length, then its UTF-8 bytes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import struct
 import sys
 
@@ -62,17 +61,18 @@ class Signature:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    # The batch sizes the session runs at; the largest bounds a request's first dim.
+    # The batch sizes the session runs at; the largest bounds a request's first dim.  Empty
+    # when axis 0 is not a batch axis of the model: each request then runs alone, as it came.
     sizes: tuple[int, ...]
 
-    @functools.cached_property
+    @property
     def batchable(self) -> bool:
-        """Requests can be merged when every input and output has a dynamic first dim."""
-        return all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs))
+        return bool(self.sizes)
 
     @property
     def max_batch_size(self) -> int:
-        return self.sizes[-1]
+        """The largest batch; 0 when requests are never merged (as Triton reports it)."""
+        return self.sizes[-1] if self.sizes else 0
 
 
 def nbytes(array: Array) -> int:

@@ -25,7 +25,8 @@ logger = logging.getLogger("modeldeploy_runtime.worker")
 CONFIG_ENV = "MODELDEPLOY_WORKER_CONFIG"
 
 
-async def _run(config: settings.ServeSettings, sock: socket.socket, arena: ipc.Arena) -> None:
+async def _run(config: settings.ServeSettings, sock: socket.socket, arena: ipc.Arena) -> bool:
+    """Serve until told to stop; False when the link to the engine failed."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -49,15 +50,26 @@ async def _run(config: settings.ServeSettings, sock: socket.socket, arena: ipc.A
                     plane.attach(client.signature, client)
                     plane.ready = True
         client.fail_all("the model engine stopped")
+
+    def listened(task: asyncio.Task[None]) -> None:
+        # Without its link this worker can answer nothing: it exits, and the engine starts
+        # another in its place.
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(task.exception())
+            logger.error("the link to the engine failed", exc_info=task.exception())
+            client.fail_all("this front-end worker lost its link to the model engine")
         stopping.set()
 
+    failed: list[BaseException | None] = []
     listener = loop.create_task(listen())
+    listener.add_done_callback(listened)
     await stopping.wait()
     was_ready, plane.ready = plane.ready, False
-    await listeners.stop(drain=was_ready)
+    await listeners.stop(drain=was_ready and not failed)
     plane.close()
     listener.cancel()
     channel.close()
+    return not failed
 
 
 def main(argv: list[str]) -> int:
@@ -70,8 +82,8 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     arena = ipc.Arena.attach(int(argv[2]))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_run(config, sock, arena))
-    return 0
+        ok = runner.run(_run(config, sock, arena))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -53,9 +53,15 @@ def assert_measured(results: dict[str, Any], models: set[str]) -> None:
 
 @pytest.mark.timeout(120)
 def test_smoke_run_with_the_builtin_load_generator(tmp_path: Path) -> None:
-    results = run_bench(tmp_path, "--load=builtin")
+    results = run_bench(tmp_path, "--load=builtin", "--open-duration=0.3", "--open-ceiling=500")
     assert results["environment"]["wrk"] is None
     assert_measured(results, {"mlp", "resnet"})
+    # The open loop's search ran for every model and body, from 250 requests/s up.
+    cells = {(row["model"], row["body"]) for row in results["poisson"]}
+    assert cells == {(model, body) for model in ("mlp", "resnet") for body in ("binary", "json")}
+    for row in results["poisson"]:
+        assert row["trials"][0][0] == 250, row
+        assert 0 <= row["max_rate"] <= 500, row
 
 
 @pytest.mark.timeout(120)
@@ -64,6 +70,7 @@ def test_smoke_run_with_wrk_and_front_end_workers(tmp_path: Path) -> None:
     results = run_bench(
         tmp_path,
         "--load=wrk",
+        "--no-open-loop",
         "--models=mlp",
         "--runtime-arg=--workers=2",
         "--runtime-arg=--batch-sizes=1,4,16,64",

@@ -34,7 +34,17 @@ SPECS: dict[str, dict[str, Any]] = {
         "model": {"uri": "https://h/m.onnx", "version": "3", "name": "iris-v3", "sha256": "A" * 64},
         "quantization": "static-int8",
         "calibrationUri": "gs://b/calibration/samples.npz",
-        "runtime": {"maxBatchSize": 64, "maxBatchDelayMs": 0, "maxQueueSize": 7, "threads": 3},
+        "runtime": {
+            "maxBatchSize": 64,
+            "maxBatchDelayMs": 0,
+            "maxQueueSize": 7,
+            "threads": 3,
+            "warmup": {"uri": "s3://b/warm/samples.npz", "sha256": "B" * 64},
+        },
+    },
+    "unbatched": {
+        "model": {"uri": "s3://models/vad/model.onnx"},
+        "runtime": {"maxBatchSize": 0, "warmup": {"shapes": {"input": [1, 512], "sr": []}}},
     },
     "gpu": {
         "model": {"uri": "s3://models/resnet/model"},
@@ -124,6 +134,13 @@ def test_the_runtime_parses_the_pods_serving_container_into_the_specs_settings(
     assert str(PurePosixPath(settings.model_path).parent.parent) in mounts
     if spec.calibration_uri:
         assert settings.calibration_path is not None
+    warmup = spec.runtime.warmup
+    assert settings.warmup_shapes == (
+        {name: tuple(shape) for name, shape in warmup.shapes.items()}
+        if warmup and warmup.shapes is not None
+        else None
+    )
+    assert (settings.warmup_path is not None) == bool(warmup and warmup.uri)
     # status.url's path is one the runtime serves.
     assert urlsplit(builders.url(OWNER, spec)).path == (
         f"{settings.path_prefix}/v2/models/{settings.model_name}"
@@ -140,8 +157,8 @@ def test_the_server_loads_the_file_that_the_init_container_writes(
     served = _settings_of(serving, monkeypatch)
     written = [f.dest / PurePosixPath(paths.artifact_name(f.uri)) for f in fetched]
     assert served.model_path == written[0]
-    if len(written) > 1:
-        assert served.calibration_path == written[1]
+    expected = [served.model_path, served.calibration_path, served.warmup_path]
+    assert written == [path for path in expected if path is not None]
     # A pvc:// claim is mounted where the fetcher reads it.
     for container, settings in zip(init, fetched, strict=True):
         if settings.uri.startswith("pvc://"):

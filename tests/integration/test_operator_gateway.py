@@ -4,7 +4,9 @@ status says so. (tests/e2e/test_e2e_gateway.py sends traffic through it.)"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from kopf.testing import KopfRunner
 
 from modeldeploy_dev import build, ingress
 from modeldeploy_dev import cluster as localcluster
-from operator_helpers import apply_md, condition, get, ready_md, wait_for
+from operator_helpers import OperatorProcess, apply_md, condition, get, ready_md, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -101,3 +103,50 @@ def test_without_the_gateway_api_the_status_explains_and_the_rest_is_served(
     assert get(cluster, namespace, "service", "iris") is not None
     wait_for("2/2 replicas", lambda: get(cluster, namespace, "md", "iris")["status"].get(
         "replicaSummary") == "2/2")  # fmt: skip
+
+
+def test_the_gateway_api_installed_after_the_start_is_picked_up_without_a_restart(
+    cluster: Cluster,
+    without_gateway_api: None,
+    namespace: str,
+    modeldeploy_crd: None,
+    tmp_path: Path,
+) -> None:
+    """`modeldeploy run` (as in the chart's pod), started before the Gateway API's CRDs exist:
+    once they are installed, the HTTPRoute is created, watched, accepted and feeds Ready, and
+    the status moves from GatewayAPIMissing to serving, in the same process."""
+    operator = OperatorProcess(
+        tmp_path / "operator.log", cluster.kubeconfig, f"--namespace={namespace}"
+    )
+    try:
+        apply_md(cluster, namespace, "iris", SPEC)
+        wait_for(
+            "Stalled: GatewayAPIMissing",
+            lambda: (
+                condition(get(cluster, namespace, "md", "iris"), "Stalled").get("reason")
+                == "GatewayAPIMissing"
+            ),
+            timeout=90,
+        )
+        ingress.up(localcluster.paths(), build.binaries())  # the CRDs, Traefik and its Gateway
+        # Traefik, just started, may judge the route before its cache has the Service's
+        # EndpointSlices ("endpointslices not found") and not look again until the route changes:
+        # once it has answered, a touch of the route (not a field of ours) has it look again.
+        wait_for("Traefik's answer", lambda: _route_condition(
+            get(cluster, namespace, "httproute", "iris"), "ResolvedRefs"), timeout=90)  # fmt: skip
+        cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
+                        f"test/touched={time.time()}")  # fmt: skip
+        try:
+            md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
+        except AssertionError as error:
+            route = get(cluster, namespace, "httproute", "iris")
+            state = (get(cluster, namespace, "md", "iris") or {}).get("status")
+            raise AssertionError(f"{error}\nstatus: {state}\nroute: {route}") from None
+        assert md["status"]["url"] == "http://iris.example.com/iris/v2/models/iris"
+        assert condition(md, "Stalled").get("status") != "True"
+        route = get(cluster, namespace, "httproute", "iris")
+        assert route is not None and _route_condition(route, "Accepted") == "True"
+        assert operator.process.poll() is None, "the operator restarted"
+    finally:
+        operator.stop()
+    assert "Traceback" not in operator.output(), operator.output()[-3000:]

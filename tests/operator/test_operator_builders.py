@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from modeldeploy_operator import builders
@@ -106,6 +107,22 @@ class TestDeployment:
         assert [c["name"] for c in pod["initContainers"]] == ["fetch-model", "fetch-calibration"]
         calibration = _arg(pod["containers"][0]["args"], "--calibration-path")
         assert calibration.endswith("/calib.npz")
+
+    def test_warmup_samples_are_fetched_and_verified_like_calibration_data(self) -> None:
+        spec = _spec(runtime={"warmup": {"uri": "s3://b/warm.npz", "sha256": "C" * 64}})
+        pod = _pod(spec)["spec"]
+        assert [c["name"] for c in pod["initContainers"]] == ["fetch-model", "fetch-warmup"]
+        fetch_warmup = pod["initContainers"][1]
+        assert _arg(fetch_warmup["args"], "--sha256") == "c" * 64
+        assert _arg(fetch_warmup["args"], "--dest") == "/models/warmup"
+        assert _arg(pod["containers"][0]["args"], "--warmup-path") == "/models/warmup/warm.npz"
+
+    def test_warmup_shapes_and_max_batch_size_0_reach_the_runtime(self) -> None:
+        spec = _spec(runtime={"maxBatchSize": 0, "warmup": {"shapes": {"x": [1, 3], "s": []}}})
+        args = _pod(spec)["spec"]["containers"][0]["args"]
+        assert json.loads(_arg(args, "--warmup-shapes")) == {"x": [1, 3], "s": []}
+        assert _arg(args, "--max-batch-size") == "0"
+        assert "--warmup-path" not in " ".join(args)
 
     def test_probes_use_the_health_endpoints(self) -> None:
         serve = _pod(_spec())["spec"]["containers"][0]

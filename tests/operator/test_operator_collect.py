@@ -140,3 +140,129 @@ def test_a_hostile_metrics_page_is_left_out_and_counted(page: bytes) -> None:
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def _series(labels: dict[str, str], value: float) -> dict[str, Any]:
+    return {"metric": labels, "value": [1700000000.0, repr(value)]}
+
+
+def test_grouped_prometheus_answers_are_split_per_model_deployment() -> None:
+    """Four grouped queries carry every ModelDeployment's rates; split here, they give what
+    per-object PromQL gave: the pods of "iris" only (not "iris-v2"'s), quantiles over the
+    summed buckets, errors over requests."""
+    source = collect.PrometheusSource("http://127.0.0.1:9", 60)
+    queries = source.queries(["ml", "ops"])
+    assert len(queries) == 4
+    assert all(
+        'namespace=~"ml|ops"' in q and "sum by (namespace, pod, model" in q
+        for q in queries.values()
+    )
+
+    def pod(name: str, outcome: str = "success") -> dict[str, str]:
+        return {"namespace": "ml", "pod": name, "model": "iris", "outcome": outcome}
+
+    answers = {
+        "requests": [
+            _series(pod("iris-7d9f-abcde"), 8.0),
+            _series(pod("iris-7d9f-fghij"), 10.0),
+            _series(pod("iris-7d9f-fghij", "error"), 2.0),
+            _series(pod("iris-v2-5c4b-klmno"), 100.0),  # another ModelDeployment
+            _series(pod("iris-7d9f-pqrst"), float("nan")),  # no samples in the window
+        ],
+        "latency": [
+            _series(pod("iris-7d9f-abcde") | {"le": "0.005"}, 4.0),
+            _series(pod("iris-7d9f-abcde") | {"le": "0.01"}, 8.0),
+            _series(pod("iris-7d9f-abcde") | {"le": "+Inf"}, 8.0),
+            _series(pod("iris-7d9f-fghij") | {"le": "0.005"}, 0.0),
+            _series(pod("iris-7d9f-fghij") | {"le": "0.01"}, 12.0),
+            _series(pod("iris-7d9f-fghij") | {"le": "+Inf"}, 12.0),
+        ],
+        "batch_sum": [_series(pod("iris-7d9f-abcde"), 16.0), _series(pod("iris-7d9f-fghij"), 24.0)],
+        "batch_count": [_series(pod("iris-7d9f-abcde"), 4.0), _series(pod("iris-7d9f-fghij"), 6.0)],
+    }
+    split = collect.split(answers)
+    assert set(split) == {("ml", "iris", "iris"), ("ml", "iris-v2", "iris")}
+
+    source._rates = split
+    summary = asyncio.run(source.summary(collect.Target("ml", "iris", "iris", {})))
+    assert summary is not None
+    assert summary.requests_per_second == pytest.approx(20.0)
+    assert summary.error_rate == pytest.approx(0.1)
+    assert summary.mean_batch_size == pytest.approx(4.0)
+    # Summed buckets: 4 of 20 under 5 ms, all under 10 ms; the median interpolates in (5, 10].
+    assert summary.latency_p50_ms == pytest.approx(5 + 5 * (10 - 4) / 16)
+    other = asyncio.run(source.summary(collect.Target("ml", "iris-v2", "iris", {})))
+    assert other is not None and other.requests_per_second == pytest.approx(100.0)
+    assert asyncio.run(source.summary(collect.Target("ml", "bert", "bert", {}))) is None
+
+
+def test_a_hung_pod_delays_only_its_own_model_deployment(
+    pod: runtime_metrics.ModelMetrics,
+) -> None:
+    """A pod that accepts the connection and never answers: the other ModelDeployments are
+    written at once, the round ends at its deadline, and the next one starts on time."""
+    writes: dict[str, float] = {}
+
+    async def scenario() -> None:
+        started = asyncio.get_running_loop().time()
+
+        async def write(namespace: str, name: str, metrics: dict[str, Any]) -> None:
+            writes[name] = asyncio.get_running_loop().time() - started
+
+        async def hang(_: web.Request) -> web.Response:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        async def page(_: web.Request) -> web.Response:
+            return web.Response(body=pod.exposition(), content_type="text/plain")
+
+        # Two "pods" on one port: 127.0.0.1 answers, 127.0.0.2 hangs.
+        port = free_port()
+        runners = []
+        for address, handler in (("127.0.0.1", page), ("127.0.0.2", hang)):
+            app = web.Application()
+            app.router.add_get("/metrics", handler)
+            runner = web.AppRunner(app, shutdown_timeout=0.1)  # the hung request is dropped
+            await runner.setup()
+            await web.TCPSite(runner, address, port).start()
+            runners.append(runner)
+
+        def ready(address: str) -> list[dict[str, Any]]:
+            condition = {"type": "Ready", "status": "True"}
+            return [
+                {"metadata": {"name": "p"}, "status": {"podIP": address, "conditions": [condition]}}
+            ]
+
+        interval = 1.0
+        # A timeout longer than the interval: the round's deadline is what bounds it.
+        source = collect.DirectSource(timeout=30)
+        writer = collect.MetricsWriter(source, write, interval)
+        pods = {("ml", f"m{i}"): ready("127.0.0.1") for i in range(20)}
+        pods[("ml", "stuck")] = ready("127.0.0.2")
+        loop = collect.MetricsLoop(writer, pods, http_port=port)
+        for key in pods:
+            loop.track(key, "iris", None)
+        late = _late()
+        try:
+            await loop.round()  # baselines
+            first_round = asyncio.get_running_loop().time() - started
+            _serve_requests(pod, 30)
+            await loop.round()
+            second_round = asyncio.get_running_loop().time() - started - first_round
+        finally:
+            await source.close()
+            for runner in runners:
+                await runner.cleanup()
+        assert first_round == pytest.approx(interval, abs=0.3)  # cut at the deadline
+        assert second_round == pytest.approx(interval, abs=0.3)
+        assert sorted(writes) == sorted(f"m{i}" for i in range(20))  # all but the stuck one
+        assert max(writes.values()) < first_round + 0.5  # written at once, not at the deadline
+        assert _late() == late + 2
+
+    asyncio.run(scenario())
+
+
+def _late() -> float:
+    labels = {"source": "direct", "result": "late"}
+    name = "modeldeploy_operator_metrics_collections_total"
+    return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0

@@ -15,6 +15,7 @@ class FakeKube:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.fail_with: Exception | None = None
+        self.event_failures: list[Exception] = []
         self.unserved: set[builders.Kind] = set()
 
     def apply(self, kind: builders.Kind, obj: dict[str, Any]) -> dict[str, Any]:
@@ -24,7 +25,11 @@ class FakeKube:
             raise kube.ApiError(status=404, reason="Not Found", body="404 page not found")
         self.calls.append(("apply", kind.kind))
         echoed = copy.deepcopy(obj)
-        echoed["metadata"] |= {"uid": f"uid-{kind.plural}", "generation": 1}
+        echoed["metadata"] |= {
+            "uid": f"uid-{kind.plural}",
+            "generation": 1,
+            "resourceVersion": "b7",
+        }
         echoed["status"] = {"observedGeneration": 1}
         return echoed
 
@@ -36,6 +41,8 @@ class FakeKube:
         return {}
 
     def emit_event(self, owner: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        if self.event_failures:
+            raise self.event_failures.pop(0)
         self.calls.append(("event", reason))
 
 
@@ -129,9 +136,97 @@ def test_without_the_gateway_api_the_status_says_so_and_the_rest_converges() -> 
     reconciler, fake = _reconciler()
     fake.unserved = {builders.HTTP_ROUTE}
     md = _md(gateway={"parentRefs": [{"name": "public"}], "hostnames": ["iris.example.com"]})
-    reconciler.reconcile(md, reconcile.Observed())
+    assert reconciler.reconcile(md, reconcile.Observed())  # to be tried again later
     assert sorted(what for call, what in fake.calls if call == "apply") == ["Deployment", "Service"]
     status = next(body for call, body in fake.calls if call == "status")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "GatewayAPIMissing")
     assert "install its CRDs" in ready["message"]
+
+
+def _ready_md() -> tuple[dict[str, Any], reconcile.Observed]:
+    """An object whose Deployment is available: reconciling it flips Ready to True."""
+    md = _md()
+    children = _children(md)
+    deployment = children[builders.DEPLOYMENT]
+    # What the watch shows after our apply (FakeKube answers applies with version "b7").
+    deployment["metadata"] |= {"generation": 1, "resourceVersion": "b7"}
+    deployment["status"] = {
+        "observedGeneration": 1,
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+        "availableReplicas": 1,
+        "conditions": [{"type": "Available", "status": "True"}],
+    }
+    return md, reconcile.Observed(children=children)
+
+
+def test_an_event_whose_post_failed_is_posted_by_the_retry() -> None:
+    md, observed = _ready_md()
+    reconciler, fake = _reconciler()
+    reconciler.reconcile(md, reconcile.Observed())  # Ready False: the first status
+    first = next(body for call, body in fake.calls if call == "status")
+    md["status"] = first
+    fake.calls.clear()
+    fake.event_failures = [ConnectionError("connection reset")]
+    try:
+        reconciler.reconcile(md, observed)
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the failed POST was swallowed: nothing would retry it")
+    written = next(body for call, body in fake.calls if call == "status")
+    assert next(c for c in written["conditions"] if c["type"] == "Ready")["status"] == "True"
+    # The retry sees the status it wrote already (the watch delivered it): nothing to patch,
+    # but the Event of the transition is still owed.
+    md["status"] = written
+    fake.calls.clear()
+    reconciler.reconcile(md, observed)
+    assert fake.calls == [
+        ("event", next(c for c in written["conditions"] if c["type"] == "Ready")["reason"])
+    ]
+    fake.calls.clear()
+    reconciler.reconcile(md, observed)
+    assert fake.calls == []  # posted once, not again
+
+
+def test_an_event_the_server_refuses_does_not_block_the_object() -> None:
+    md, observed = _ready_md()
+    reconciler, fake = _reconciler()
+    reconciler.reconcile(md, reconcile.Observed())
+    md["status"] = next(body for call, body in fake.calls if call == "status")
+    fake.event_failures = [kube.ApiError(status=403, reason="Forbidden")]
+    reconciler.reconcile(md, observed)  # no exception: retrying a 403 cannot help
+    fake.calls.clear()
+    reconciler.reconcile(md, observed)
+    assert not any(call == "event" for call, _ in fake.calls)
+
+
+def _with_version(child: dict[str, Any], version: str) -> dict[str, Any]:
+    child = copy.deepcopy(child)
+    child["metadata"]["resourceVersion"] = version
+    return child
+
+
+def test_resource_versions_are_opaque_strings_compared_for_equality_only() -> None:
+    """A lagging watch (still showing what was there before our apply) is not mistaken for a
+    newer change; once it moves, it is current again. The versions are not numbers."""
+    md = _md()
+    desired = _children(md)
+    stale = _with_version(desired[builders.DEPLOYMENT], "zz-old")
+    stale["spec"]["replicas"] = 7  # someone scaled it by hand: we apply it back
+    reconciler, fake = _reconciler()
+    observed = reconcile.Observed(children={**desired, builders.DEPLOYMENT: stale})
+    reconciler.reconcile(md, observed)
+    assert [w for c, w in fake.calls if c == "apply"] == ["Deployment"]
+
+    fake.calls.clear()
+    reconciler.reconcile(md, observed)  # the watch still shows the old version: no re-apply
+    assert not any(call == "apply" for call, _ in fake.calls)
+
+    # The watch moved on: someone changed it again after our apply ("a0" sorts before "b7" and
+    # "zz-old": an ordering would take it for older). It is repaired.
+    edited = _with_version(stale, "a0")
+    reconciler.reconcile(md, reconcile.Observed(children={**desired, builders.DEPLOYMENT: edited}))
+    assert [w for c, w in fake.calls if c == "apply"] == ["Deployment"]

@@ -56,6 +56,13 @@ def test_camel_case_names_round_trip() -> None:
         ({"runtime": {"maxBatchSize": 16, "batchSizes": [1, 8]}}, "largest of batchSizes"),
         ({"runtime": {"maxBatchSize": 8, "batchSizes": [1, 16]}}, "largest of batchSizes"),
         ({"runtime": {"batchSizes": [0, 32]}}, "greater than or equal to 1"),
+        ({"runtime": {"maxBatchSize": -1}}, "greater than or equal to 0"),
+        ({"runtime": {"maxBatchSize": 0, "batchSizes": [1]}}, "largest of batchSizes"),
+        ({"runtime": {"warmup": {}}}, "shapes or uri"),
+        ({"runtime": {"warmup": {"shapes": {"x": [1]}, "uri": "s3://b/w.npz"}}}, "shapes or uri"),
+        ({"runtime": {"warmup": {"shapes": {"x": [1]}, "sha256": SHA}}}, "warmup.uri"),
+        ({"runtime": {"warmup": {"shapes": {"x": [-1, 3]}}}}, "greater than or equal to 0"),
+        ({"runtime": {"warmup": {"uri": "ftp://b/w.npz"}}}, "must start with one of"),
         ({"runtime": {"workers": -1}}, "workers"),
         ({"runtime": {"padding": {"inputs": {}}}}, r"padding\.inputs\n.*at least 1 item"),
         (
@@ -115,3 +122,13 @@ def test_fp16_on_a_gpu_and_batch_sizes_ending_at_the_max_are_accepted() -> None:
     assert spec.quantization == "fp16"
     assert spec.runtime.batch_sizes == [1, 8, 64]
     assert spec.runtime.cudnn_conv_algo_search == "EXHAUSTIVE"
+
+
+def test_warmup_takes_shapes_or_sample_inputs_and_max_batch_size_0_is_allowed() -> None:
+    shapes = _spec(runtime={"maxBatchSize": 0, "warmup": {"shapes": {"x": [1, 3, 8, 8]}}})
+    assert shapes.runtime.max_batch_size == 0
+    assert shapes.runtime.warmup is not None
+    assert shapes.runtime.warmup.shapes == {"x": [1, 3, 8, 8]}
+    samples = _spec(runtime={"warmup": {"uri": "s3://b/w.npz", "sha256": SHA}})
+    assert samples.runtime.warmup is not None
+    assert samples.runtime.warmup.sha256 == SHA

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from modeldeploy_contract import values
 from modeldeploy_operator import builders, status
 from modeldeploy_operator import spec as api
 
@@ -147,6 +148,34 @@ def test_an_oom_killed_container_stalls_naming_its_limit_and_last_state() -> Non
     )
 
 
+def test_a_failed_warm_up_the_user_asked_for_stalls_with_its_own_reason() -> None:
+    failing = _pod(
+        containerStatuses=[
+            {
+                "name": "runtime",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {
+                        "exitCode": values.EXIT_WARMUP_FAILED,
+                        "message": "the warm-up with the warm-up shapes failed: Concat: Axis 2\n",
+                    }
+                },
+            }
+        ]
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[failing]))
+    assert conditions["Stalled"].status == "True"
+    assert conditions["Stalled"].reason == "WarmupFailed"
+    assert "warm-up with the warm-up shapes failed: Concat" in conditions["Stalled"].message
+    other = _pod(
+        containerStatuses=[
+            {"name": "runtime", "state": {"terminated": {"exitCode": 1, "message": "boom"}}}
+        ]
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[other]))
+    assert conditions["Stalled"].reason == "ModelLoadFailed"
+
+
 def test_pods_of_an_older_model_do_not_count() -> None:
     old = _pod(containerStatuses=[{"name": "runtime", "state": {"terminated": {"exitCode": 1}}}])
     old["metadata"]["annotations"] = {builders.ANNOTATION_MODEL_DIGEST: "older"}
@@ -284,3 +313,72 @@ def test_missing_gateway_api_is_explained_and_the_rest_is_still_reported() -> No
     assert "install its CRDs" in ready.message and "HTTPRoute" in ready.message
     assert _conditions(result)["Stalled"].status == "True"
     assert result.replica_summary == "2/2"
+
+
+_FULL_STATUSES: list[dict[str, Any]] = [
+    # Pending: the scheduler's reason (as a v1.34 API server returns it, every field).
+    {
+        "phase": "Pending",
+        "qosClass": "Burstable",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": UNSCHEDULABLE, "lastProbeTime": None,
+             "lastTransitionTime": "2030-01-01T00:00:00Z", "observedGeneration": 1},
+        ],
+    },
+    # The model fetch failed: the init container exited, and waits to be restarted.
+    {
+        "phase": "Pending", "hostIP": "10.0.0.1", "podIP": "10.1.0.7",
+        "podIPs": [{"ip": "10.1.0.7"}], "startTime": "2030-01-01T00:00:00Z",
+        "initContainerStatuses": [
+            {"name": "fetch-model", "image": "runtime:1", "imageID": "sha256:1",
+             "containerID": "containerd://1", "ready": False, "restartCount": 3, "started": False,
+             "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+             "lastState": {"terminated": {"exitCode": 2, "reason": "Error",
+                                          "message": "s3://m/iris.onnx: NoSuchKey\n",
+                                          "startedAt": "2030-01-01T00:00:00Z",
+                                          "finishedAt": "2030-01-01T00:00:01Z",
+                                          "containerID": "containerd://1"}},
+             "volumeMounts": [{"name": "model", "mountPath": "/models"}]},
+        ],
+    },
+    # The image cannot be pulled.
+    {
+        "phase": "Pending", "podIP": "10.1.0.8",
+        "containerStatuses": [
+            {"name": "runtime", "image": "runtime:nope", "imageID": "", "ready": False,
+             "restartCount": 0, "started": False,
+             "state": {"waiting": {"reason": "ImagePullBackOff",
+                                   "message": 'Back-off pulling image "runtime:nope"'}}},
+        ],
+    },
+    # Serving.
+    {
+        "phase": "Running", "podIP": "10.1.0.9",
+        "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": None,
+                        "lastTransitionTime": "2030-01-01T00:00:00Z"}],
+        "containerStatuses": [
+            {"name": "runtime", "image": "runtime:1", "imageID": "sha256:1", "ready": True,
+             "restartCount": 0, "started": True,
+             "state": {"running": {"startedAt": "2030-01-01T00:00:00Z"}},
+             "allocatedResources": {"cpu": "1"}, "resources": {"limits": {"cpu": "1"}}},
+        ],
+    },
+]  # fmt: skip
+
+
+def test_the_indexed_pod_summary_gives_the_same_status_and_metrics_targets() -> None:
+    """The pod index keeps only part of a pod's status: what it drops changes nothing the
+    status computation or the metrics collection conclude."""
+    from modeldeploy_operator import collect, handlers
+
+    for full in _FULL_STATUSES:
+        slim = handlers._slim_pod_status(full)
+        assert len(repr(slim)) < len(repr(full))
+        for deployment in (_deployment(ready=0), _deployment(ready=2)):
+            assert _compute(deployment=deployment, pods=[_pod(**slim)]) == _compute(
+                deployment=deployment, pods=[_pod(**full)]
+            ), full
+        assert collect.ready_pod_urls([_pod(**slim)], 8080) == collect.ready_pod_urls(
+            [_pod(**full)], 8080
+        )

@@ -58,6 +58,7 @@ def test_a_key_is_never_handled_by_two_workers_at_once() -> None:
 
 def test_a_failure_is_retried_later_with_its_notes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workqueue, "FIRST_RETRY_S", 0.01)
+    monkeypatch.setattr(workqueue, "JITTER", 0.0)
 
     async def scenario() -> None:
         queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue()
@@ -96,5 +97,53 @@ def test_a_resync_queues_every_known_key_every_interval() -> None:
         await queue.work(handle, lambda *_: None)
         resync.cancel()
         assert handled == ["iris", "resnet", "iris", "bert"]
+
+    _run(scenario())
+
+
+def test_retry_delays_are_jittered_and_grow() -> None:
+    """Keys that failed together (an outage) come back spread out, not in one wave."""
+
+    async def scenario() -> None:
+        queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue()
+        first = [queue._retry_later(f"k{i}", set(), ConnectionError()) for i in range(50)]
+        second = [queue._retry_later(f"k{i}", set(), ConnectionError()) for i in range(50)]
+        await queue.close()
+        base = workqueue.FIRST_RETRY_S
+        assert all(base * (1 - workqueue.JITTER) <= d <= base for d in first if d is not None)
+        assert len(set(first)) > 40  # spread, not one value
+        assert all(d is not None and d > base * (1 - workqueue.JITTER) for d in second)
+        assert max(d for d in second if d) > base
+
+    _run(scenario())
+
+
+def test_a_permanent_error_is_retried_a_few_times_then_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(workqueue, "FIRST_RETRY_S", 0.001)
+
+    async def scenario() -> None:
+        queue: workqueue.WorkQueue[str, str] = workqueue.WorkQueue(
+            permanent=lambda error: isinstance(error, PermissionError)
+        )
+        attempts = 0
+        outcomes: list[float | None] = []
+
+        async def handle(key: str, _: set[str]) -> None:
+            nonlocal attempts
+            attempts += 1
+            raise PermissionError("403: forbidden")
+
+        def failed(key: str, error: BaseException, retry_in: float | None) -> None:
+            outcomes.append(retry_in)
+
+        await queue.add("iris")
+        worker = asyncio.create_task(queue.work(handle, failed))
+        await asyncio.sleep(0.5)  # far longer than all retries take
+        await queue.close()
+        await worker
+        assert attempts == workqueue.MAX_PERMANENT_ATTEMPTS
+        assert outcomes[-1] is None and None not in outcomes[:-1]
 
     _run(scenario())

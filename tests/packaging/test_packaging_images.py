@@ -34,7 +34,7 @@ ENTRY_POINTS = {"operator": ("modeldeploy", "run"), "runtime": ("modeldeploy-run
 # Python modules an image must not carry: the other image's dependencies, the development tooling,
 # and pip (nothing installs at run time).
 ABSENT = {
-    "operator": ["onnxruntime", "numpy", "kubernetes", "modeldeploy_dev", "cryptography", "pip"],
+    "operator": ["onnxruntime", "numpy", "modeldeploy_dev", "cryptography", "pip"],
     # (cryptography is in the runtime: the cloud storage clients need it.)
     "runtime": ["kopf", "kubernetes", "modeldeploy_dev", "pytest", "pip", "setuptools"],
 }

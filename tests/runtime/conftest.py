@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import runtime_fixtures
-from runtime_fixtures import HEAVY_FEATURES, MLP_CLASSES, MLP_FEATURES, mlp_layers
+from runtime_fixtures import HEAVY_FEATURES, MLP_CLASSES, MLP_FEATURES, busy_mlp, mlp_layers
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,24 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mlp_model(models_dir: Path) -> Path:
     """The small classifier, with a dynamic batch dimension."""
     return mlp_layers(models_dir / "mlp.onnx", [MLP_FEATURES, 32, MLP_CLASSES], seed=1)
+
+
+@pytest.fixture(scope="session")
+def busy_model(models_dir: Path) -> Path:
+    """``mlp_model``'s classifier (the same answers), busy for tens of ms a run: longer than
+    a Python client takes to send a burst of requests, so they queue and share batches."""
+    return busy_mlp(
+        models_dir / "busy.onnx", [MLP_FEATURES, 32, MLP_CLASSES], seed=1, size=512, rounds=6
+    )
+
+
+@pytest.fixture(scope="session")
+def slow_model(models_dir: Path) -> Path:
+    """The same classifier again, busy for a good fraction of a second a run: requests that
+    arrive meanwhile stay queued (the queue's limits, cancelling queued work)."""
+    return busy_mlp(
+        models_dir / "slow.onnx", [MLP_FEATURES, 32, MLP_CLASSES], seed=1, size=1024, rounds=12
+    )
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,43 @@ def mlp_layers(path: Path, widths: list[int], seed: int, *, batch: str | int = "
     return path
 
 
+def busy_mlp(path: Path, widths: list[int], seed: int, *, size: int = 384, rounds: int = 3) -> Path:
+    """``mlp_layers``' classifier, plus per run ``rounds`` products of ``size``-square matrices.
+
+    The products start from the input's mean (so they cannot be folded away at load) and
+    reach the answer only multiplied by zero: every run keeps the model busy for a while,
+    whatever the batch size, so concurrent requests queue behind it and share batches.
+    """
+    mlp_layers(path, widths, seed)
+    model = onnx.load(path)
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    square = rng.normal(0, 1 / np.sqrt(size), (size, size)).astype(np.float32)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(square, "busy_w"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "busy_zero"),
+        ]
+    )
+    nodes = [helper.make_node("ReduceMean", ["x"], ["busy_mean"], keepdims=0)]
+    nodes.append(helper.make_node("Add", ["busy_w", "busy_mean"], ["busy_0"]))
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"busy_{i}", "busy_w"], [f"busy_{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"busy_{rounds}"], ["busy_sum"], keepdims=0),
+        helper.make_node("Mul", ["busy_sum", "busy_zero"], ["busy_nothing"]),
+    ]
+    softmax = onnx.NodeProto()
+    softmax.CopyFrom(graph.node[-1])
+    del graph.node[-1]
+    nodes.append(helper.make_node("Add", [softmax.input[0], "busy_nothing"], ["busy_logits"]))
+    softmax.input[0] = "busy_logits"
+    graph.node.extend([*nodes, softmax])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
 def examples(rows: int, features: int = MLP_FEATURES, seed: int = 0) -> np.ndarray[Any, Any]:
     return np.random.default_rng(seed).standard_normal((rows, features)).astype(np.float32)
 
@@ -91,6 +128,48 @@ def running_server(**overrides: Any) -> Iterator[server.Server]:
         yield runtime
     finally:
         _on_loop(runtime.stop())
+
+
+@contextlib.contextmanager
+def running_engine(workers: int, **overrides: Any) -> Iterator[server.Engine]:
+    """The model process in this one and ``workers`` real front-end worker processes."""
+    values: dict[str, Any] = {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "threads": 1}
+    config = settings.ServeSettings(**(values | overrides))
+
+    async def create() -> server.Engine:
+        return server.Engine(config, workers)
+
+    runtime: server.Engine = _on_loop(create())
+    try:
+        _on_loop(runtime.start())
+        _wait_serving(runtime.http_port)
+        yield runtime
+    finally:
+        _on_loop(runtime.stop())
+
+
+def on_servers_loop(call: Any) -> Any:
+    """Call ``call()`` on the in-process servers' event loop and return what it returns."""
+
+    async def run() -> Any:
+        return call()
+
+    return _on_loop(run())
+
+
+def _wait_serving(port: int, timeout: float = 30) -> None:
+    """Until readiness answers 200 on several fresh connections (every worker listens)."""
+    deadline = time.monotonic() + timeout
+    answered = 0
+    while answered < 10:
+        assert time.monotonic() < deadline, "the workers did not become ready"
+        try:
+            answered = (
+                answered + 1 if get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200 else 0
+            )
+        except OSError:
+            answered = 0
+            time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -472,3 +472,130 @@ def test_padded_merge_then_split_gives_every_request_back_its_own(
         assert ids.tolist() == request["ids"].tolist()
         assert feature.tolist() == request["feature"].tolist()
         assert flag.tolist() == request["flag"].tolist()
+
+
+class _SlowRunner:
+    """Runs each batch in ``seconds`` and records its size and when it started and ended."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.runs: list[tuple[int, float, float]] = []
+        self.prepared: list[tuple[int, float]] = []
+
+    def prepare(self, requests: Sequence[batching.Inputs], rows: int, padded: int) -> Any:
+        self.prepared.append((rows, time.monotonic()))
+        return batching.merge(requests, padded)
+
+    def run(self, prepared: batching.Inputs) -> list[np.ndarray]:
+        started = time.monotonic()
+        time.sleep(self.seconds)
+        self.runs.append((len(prepared["x"]), started, time.monotonic()))
+        return double(prepared)
+
+    def run_once(self, inputs: batching.Inputs) -> list[np.ndarray]:
+        return double(inputs)
+
+
+def _batcher(
+    runner: _SlowRunner, pipelined: bool, max_delay_s: float, max_batch: int = 8
+) -> batching.Batcher:
+    return batching.Batcher(
+        runner,
+        sizes=range(1, max_batch + 1),
+        max_delay_s=max_delay_s,
+        max_queue_size=256,
+        stats=metrics.ModelMetrics("test"),
+        pipelined=pipelined,
+    )
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_request_to_an_idle_model_is_dispatched_at_once(pipelined: bool) -> None:
+    runner = _SlowRunner(0)
+    latencies: list[float] = []
+
+    async def scenario() -> None:
+        # A delay far longer than the test: any wait for partners would show.
+        batcher = _batcher(runner, pipelined, max_delay_s=30)
+        batcher.start()
+        for i in range(5):
+            sent = time.monotonic()
+            await batcher.submit({"x": np.full((1, 2), i, np.float32)}, 1)
+            latencies.append(time.monotonic() - sent)
+            await asyncio.sleep(0.01)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert [rows for rows, _, _ in runner.runs] == [1] * 5
+    assert max(latencies) < 1
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch(pipelined: bool) -> None:
+    # On a GPU the pipeline has room for the next batch as soon as one starts running; it
+    # must still take every request that arrives during that run, not only the first ones.
+    runner = _SlowRunner(0.3)
+
+    async def scenario() -> None:
+        batcher = _batcher(runner, pipelined, max_delay_s=30)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit({"x": np.full((1, 2), 0, np.float32)}, 1))
+        later = []
+        for i in range(1, 6):
+            await asyncio.sleep(0.03)
+            later.append(
+                asyncio.ensure_future(batcher.submit({"x": np.full((1, 2), i, np.float32)}, 1))
+            )
+        results = await asyncio.gather(first, *later)
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result[0], np.full((1, 2), 2 * i, np.float32))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert [rows for rows, _, _ in runner.runs] == [1, 5]
+    (_, _, first_end), (_, second_start, _) = runner.runs
+    # Dispatched when the model was free, not after the 30 s delay.
+    assert second_start - first_end < 0.1
+
+
+def test_while_the_model_is_busy_max_delay_bounds_the_wait_and_the_merge_overlaps_the_run() -> None:
+    runner = _SlowRunner(0.5)
+
+    async def scenario() -> None:
+        batcher = _batcher(runner, pipelined=True, max_delay_s=0.1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1))
+        await asyncio.sleep(0.05)
+        sent = time.monotonic()
+        second = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.float32)}, 1))
+        await asyncio.gather(first, second)
+        await batcher.stop()
+        (_, _), (_, merged) = runner.prepared
+        # Cut after its max delay, well before the running batch ended ...
+        assert 0.09 < merged - sent < 0.3
+        assert merged < runner.runs[0][2]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_under_closed_loop_load_batches_stay_full(pipelined: bool) -> None:
+    # 32 clients, each sending its next request when its answer comes, max batch 8: the
+    # model is never idle, so adaptive batching must form full batches as the delay did.
+    runner = _SlowRunner(0.005)
+
+    async def scenario() -> None:
+        batcher = _batcher(runner, pipelined, max_delay_s=0.002)
+        batcher.start()
+        deadline = time.monotonic() + 1.0
+
+        async def client(i: int) -> None:
+            while time.monotonic() < deadline:
+                await batcher.submit({"x": np.full((1, 2), i, np.float32)}, 1)
+
+        await asyncio.gather(*(client(i) for i in range(32)))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    sizes = [rows for rows, _, _ in runner.runs]
+    assert sum(sizes) / len(sizes) > 7

@@ -25,10 +25,11 @@ from modeldeploy_runtime import server
 
 
 @pytest.fixture(scope="module")
-def mlp_server(mlp_model: Path) -> Iterator[server.Server]:
-    # A long delay and a wide batch make concurrent requests share batches reliably.
+def mlp_server(busy_model: Path) -> Iterator[server.Server]:
+    # The classifier's answers from a model busy for a while per run: concurrent requests
+    # queue while it runs and share batches reliably (adaptive batching).
     with running_server(
-        model_path=mlp_model, model_name="mlp", model_version="7", max_batch_delay_ms=20
+        model_path=busy_model, model_name="mlp", model_version="7", max_batch_delay_ms=20
     ) as runtime:
         yield runtime
 
@@ -257,18 +258,14 @@ def test_oversized_body_is_413(mlp_model: Path) -> None:
         )
 
 
-def test_full_queue_answers_429(heavy_model: Path) -> None:
-    # Requests wait up to 2 s for a batch of 64 to fill, so the two queue slots stay taken.
+def test_full_queue_answers_429(slow_model: Path) -> None:
+    # The first request keeps the model busy for a while; two queue behind it, four are refused.
     with running_server(
-        model_path=heavy_model,
-        model_name="heavy",
-        max_batch_size=64,
-        max_batch_delay_ms=2000,
-        max_queue_size=2,
+        model_path=slow_model, model_name="slow", max_batch_size=4, max_queue_size=2
     ) as runtime:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{runtime.http_port}", concurrency=8)
-        x = examples(1, features=256)
-        pending = [client.async_infer("heavy", [infer_input(x)]) for _ in range(6)]
+        x = examples(1)
+        pending = [client.async_infer("slow", [infer_input(x)]) for _ in range(6)]
         outcomes = []
         for request in pending:
             try:
@@ -278,11 +275,11 @@ def test_full_queue_answers_429(heavy_model: Path) -> None:
                 assert error.status() == "429"
                 assert "queue is full" in error.message()
                 outcomes.append("429")
-        assert outcomes.count("ok") == 2
-        assert outcomes.count("429") == 4
+        assert outcomes.count("ok") == 3
+        assert outcomes.count("429") == 3
         text = runtime.stats.exposition().decode()
-        labels = {"model": "heavy", "protocol": "http"}
-        assert metric_value(text, "modeldeploy_requests_total", outcome="rejected", **labels) == 4
+        labels = {"model": "slow", "protocol": "http"}
+        assert metric_value(text, "modeldeploy_requests_total", outcome="rejected", **labels) == 3
 
 
 def test_fixed_batch_model_is_served_unbatched(fixed_model: Path) -> None:

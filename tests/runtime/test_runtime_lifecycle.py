@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from runtime_fixtures import (
     HEAVY_FEATURES,
+    MLP_FEATURES,
     examples,
     free_port,
     get,
@@ -62,7 +63,7 @@ def test_invalid_settings_exit_non_zero_naming_the_field(tmp_path: Path) -> None
         runtime_command("serve", "--model-path", str(tmp_path / "m.onnx"), "--model-name", "m"),
         capture_output=True,
         text=True,
-        env={"MODELDEPLOY_MAX_BATCH_SIZE": "0", "PATH": "/usr/bin:/bin"},
+        env={"MODELDEPLOY_MAX_BATCH_SIZE": "-1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2
     assert "max_batch_size" in result.stderr
@@ -129,20 +130,26 @@ def test_sigterm_under_load_loses_no_request(heavy_model: Path, workers: int) ->
     assert "draining for 2.0 s" in output
 
 
-def test_a_client_that_hangs_up_cancels_its_queued_work(mlp_model: Path) -> None:
-    with running_server(
-        model_path=mlp_model, model_name="mlp", max_batch_size=64, max_batch_delay_ms=1500
-    ) as runtime:
-        url = f"http://127.0.0.1:{runtime.http_port}"
+def test_a_client_that_hangs_up_cancels_its_queued_work(slow_model: Path) -> None:
+    with running_server(model_path=slow_model, model_name="mlp", max_batch_size=4) as runtime:
+        url = f"http://127.0.0.1:{runtime.http_port}/v2/models/mlp/infer"
+        body = _infer_body(MLP_FEATURES)
+
+        def busy() -> None:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60).read()
+
+        # The first request keeps the model busy; the second queues behind it and hangs up.
+        first = threading.Thread(target=busy)
+        first.start()
+        time.sleep(0.1)
         with contextlib.suppress(OSError):
-            urllib.request.urlopen(
-                urllib.request.Request(f"{url}/v2/models/mlp/infer", data=_infer_body(8)),
-                timeout=0.3,
-            )
-        time.sleep(2.0)  # past the batch delay: the request would have run by now
-        text = get(f"{url}/metrics")[1].decode()
-    # No batch ever ran (warm-up stays out of the metrics), and the request is counted.
-    assert metric_value(text, "modeldeploy_batch_size_count", model="mlp") == 0
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=0.1)
+        first.join(60)
+        time.sleep(0.5)  # the model is free: the queued request would have run by now
+        text = get(f"http://127.0.0.1:{runtime.http_port}/metrics")[1].decode()
+    # Only the first request's batch ran (warm-up stays out of the metrics).
+    assert metric_value(text, "modeldeploy_batch_size_count", model="mlp") == 1
+    assert metric_value(text, "modeldeploy_batch_size_sum", model="mlp") == 1
     assert metric_value(text, "modeldeploy_requests_total", outcome="client_error") == 1
     assert metric_value(text, "modeldeploy_inflight_requests", model="mlp") == 0
 

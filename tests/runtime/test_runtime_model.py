@@ -43,21 +43,26 @@ def test_cpu_limit_never_exceeds_the_affinity_mask() -> None:
     assert 1 <= model.cpu_limit() <= len(os.sched_getaffinity(0))
 
 
-def test_merged_batches_reuse_two_buffers_per_shape_and_pad_without_leaking(
-    mlp_model: Path,
+@pytest.mark.parametrize("bind", [None, "cpu"], ids=["merged", "bound"])
+def test_batches_reuse_their_buffers_and_pad_without_leaking(
+    mlp_model: Path, bind: str | None
 ) -> None:
     served = model.OnnxModel(mlp_model, model.SessionConfig(threads=1, device=settings.Device.CPU))
     served.load()
-    session_runner = runner.SessionRunner(served)
+    session_runner = runner.SessionRunner(served, bind=bind)
     requests = [{"x": examples(1, seed=i)} for i in range(3)]
     reference = served.predict({"x": np.concatenate([r["x"] for r in requests])})[0]
     buffers = []
     for _ in range(4):
         prepared = session_runner.prepare(requests, 3, 4)
-        buffers.append(id(prepared.host["x"]))
+        buffers.append(id(prepared.host if bind is None else prepared.buffers))
         outputs = session_runner.run(prepared)
         assert outputs[0].shape == (4, 4)
         np.testing.assert_allclose(outputs[0][:3], reference, rtol=1e-6)
-    # Two pipeline slots per shape, reused in turn: no allocation per batch.
-    assert len(set(buffers)) == 2
-    assert buffers[0] == buffers[2] and buffers[1] == buffers[3]
+    if bind is None:
+        # Merged and run in one go by one thread: one buffer per shape, no allocation per batch.
+        assert len(set(buffers)) == 1
+    else:
+        # Pipelined (the GPU's path): two slots per shape, reused in turn.
+        assert len(set(buffers)) == 2
+        assert buffers[0] == buffers[2] and buffers[1] == buffers[3]

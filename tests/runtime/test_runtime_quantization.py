@@ -173,3 +173,57 @@ def test_served_fp16_model_exports_its_accuracy(heavy_copy: Path) -> None:
     assert metric_value(text, "modeldeploy_quantization_top1_agreement", model="heavy") >= 0.95
     assert metric_value(text, "modeldeploy_quantization_max_abs_error", model="heavy") < 0.01
     assert metric_value(text, "modeldeploy_model_info", quantization="fp16") == 1
+
+
+def _conv_any_size(path: Path) -> Path:
+    """An image classifier whose height and width are unknown (dims H and W), like YOLO's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "fc"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("MatMul", ["f", "fc"], ["scores"]),
+        ],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "H", "W"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 10])],
+        weights,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("shapes", [None, {"x": (1, 3, 12, 12)}])
+def test_quantized_model_with_unknown_dims_serves_without_invented_samples(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, shapes: dict[str, tuple[int, ...]] | None
+) -> None:
+    """Without calibration data, the agreement is measured on samples of the warm-up shapes,
+    or not at all when a dim is unknown: a 1x1 image is never invented (it may be impossible)."""
+    path = _conv_any_size(tmp_path / "conv.onnx")
+    caplog.set_level(logging.INFO, logger="modeldeploy_runtime")
+    with running_server(
+        model_path=path,
+        model_name="conv",
+        quantization=settings.Quantization.DYNAMIC_INT8,
+        warmup_shapes=shapes,
+    ) as runtime:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{runtime.http_port}")
+        for size in (16, 24):
+            tensor = httpclient.InferInput("x", [1, 3, size, size], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 3, size, size), np.float32))
+            assert client.infer("conv", [tensor]).as_numpy("scores").shape == (1, 10)
+        text = runtime.stats.exposition().decode()
+    if shapes is None:
+        assert "agreement with FP32 not measured" in caplog.text
+        assert "input x [-1, 3, -1, -1] has unknown dims" in caplog.text
+    else:
+        assert "top-1 agreement" in caplog.text
+        assert metric_value(text, "modeldeploy_quantization_top1_agreement", model="conv") > 0
