@@ -42,6 +42,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/modeldeploy/bin:$PATH
 LABEL org.opencontainers.image.source="https://github.com/modeldeploy/modeldeploy" \
       org.opencontainers.image.licenses="Apache-2.0"
+# The images' user has a name: Python's getpass (kopf names its peers with it) looks it up.
+RUN echo "modeldeploy:x:65532:65532:modeldeploy:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \
+    && echo "modeldeploy:x:65532:" >> /etc/group
 
 FROM python-base AS operator
 # The wheel and the lock files are bind-mounted, not copied: they never land in a layer. The

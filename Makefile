@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv tools test lint demo demo-down clean lock
+.PHONY: venv tools test test-node lint demo demo-down clean lock
 
 # The locked dependencies (hashes checked), then the project and the development package
 # (dev/, the local cluster and generators) editable, without dependencies of their own.
@@ -38,6 +38,11 @@ tools:
 
 test: lint tools
 	$(BIN)/pytest
+
+# The real node's tests (tests/e2e/test_e2e_node.py): the cluster with a kubelet and containerd.
+# A cluster already running without the node is restarted with it.
+test-node: venv tools
+	MODELDEPLOY_NODE=kubelet $(BIN)/pytest -m node
 
 demo: venv tools
 	$(BIN)/python demo/run.py

@@ -2,7 +2,9 @@
 
 Brings up the local cluster (building it the first time), installs the CRD, starts the operator
 and the local pod runner (the node agent that runs the real runtime behind the demo's pods, each in
-a network namespace of its own, and reports them Ready when their readiness probes pass), trains a
+a network namespace of its own, and reports them Ready when their readiness probes pass) -- or,
+with MODELDEPLOY_NODE=kubelet, builds the images and installs the chart, whose operator pods and
+runtime pods run as containers on the real node --, trains a
 small model, applies its ModelDeployment (with an Ingress), waits until it is Ready, sends real
 traffic to the URL in its status through the ingress controller (Traefik, on this machine's
 loopback) with an unchanged Open Inference Protocol client, and ends by showing the
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import tritonclient.http as triton_http
 
-from modeldeploy_dev import build, ingress, network
+from modeldeploy_dev import build, ingress, network, node
 from modeldeploy_dev import cluster as localcluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,8 @@ NAME = "iris"
 # header, as they would after DNS pointed the name at a load balancer.
 HOST = "iris.demo.example"
 METRICS_INTERVAL_S = 5
+# On the real node (MODELDEPLOY_NODE=kubelet), the model is served to the pods from the bridge.
+MODEL_PORT = 18092
 STARTED = time.monotonic()
 
 
@@ -116,6 +120,59 @@ def _fresh_metrics(since: float) -> dict[str, Any] | None:
     return metrics if written >= since else None
 
 
+def _start_operator_and_pod_runner() -> None:
+    # Before any pod exists: the namespace's runtime pods go to the pod runner's node.
+    localcluster.kubectl(
+        "label", "namespace", NAMESPACE, f"{network.NAMESPACE_LABEL}=true", "--overwrite"
+    )
+    _background(
+        "operator",
+        [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--bind-address", "127.0.0.1",
+         "--health-port", "18090", "--metrics-port", "18091",
+         "--metrics-interval", str(METRICS_INTERVAL_S)],
+    )  # fmt: skip
+    _background(
+        "pod-runner",
+        [str(BIN / "modeldeploy-dev"), "cluster", "run-pods", "--namespace", NAMESPACE],
+    )
+
+
+def _install_chart() -> None:
+    """The images built from the Dockerfile, pushed to the local registry, and the chart
+    installed with them: the operator's two replicas and the runtime pods run as containers on
+    the real node, under pod-security `restricted`."""
+    from modeldeploy_dev import images, registry
+
+    localcluster.kubectl(
+        "label", "namespace", NAMESPACE, f"{node.NAMESPACE_LABEL}={node.NAMESPACE_VALUE}",
+        "pod-security.kubernetes.io/enforce=restricted", "--overwrite",
+    )  # fmt: skip
+    step("building the operator and runtime images (unless the tree is unchanged), pushing them")
+    built = images.build()
+    address = registry.up()
+    for image in built.values():
+        registry.push(image)
+    values = {
+        "image.repository": f"{address}/{built['operator'].name}",
+        "image.tag": built["operator"].tag,
+        "runtimeImage.repository": f"{address}/{built['runtime'].name}",
+        "runtimeImage.tag": built["runtime"].tag,
+        "rbac.scope": "namespace",
+        "watchNamespaces": [NAMESPACE],
+        "metricsInterval": METRICS_INTERVAL_S,
+    }
+    flags = [
+        f for key, value in values.items() for f in ("--set-json", f"{key}={json.dumps(value)}")
+    ]
+    step(f"helm install of the chart in {NAMESPACE}: the operator's pods on {node.NAME}")
+    subprocess.run(
+        [str(build.build_all().helm), "upgrade", "--install", "modeldeploy",
+         str(ROOT / "charts" / "modeldeploy"), "-n", NAMESPACE, "--wait", "--timeout", "180s",
+         "--kubeconfig", str(localcluster.kubeconfig_path()), *flags],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def up(traffic_seconds: float) -> None:
     demo_dir().mkdir(parents=True, exist_ok=True)
     step("local cluster: building it the first time (many minutes), then starting it")
@@ -135,33 +192,33 @@ def up(traffic_seconds: float) -> None:
         step(f"waiting for the namespace {NAMESPACE} left by an earlier run to go")
         localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
     localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    # Before any pod exists: the namespace's runtime pods go to the pod runner's node.
-    localcluster.kubectl(
-        "label", "namespace", NAMESPACE, f"{network.NAMESPACE_LABEL}=true", "--overwrite"
-    )
-    _background(
-        "operator",
-        [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--bind-address", "127.0.0.1",
-         "--health-port", "18090", "--metrics-port", "18091",
-         "--metrics-interval", str(METRICS_INTERVAL_S)],
-    )  # fmt: skip
-    _background(
-        "pod-runner",
-        [str(BIN / "modeldeploy-dev"), "cluster", "run-pods", "--namespace", NAMESPACE],
-    )
+    if node.enabled():
+        _install_chart()
+    else:
+        _start_operator_and_pod_runner()
 
-    model = demo_dir() / "iris.onnx"
+    model = demo_dir() / "model" / "iris.onnx"
+    model.parent.mkdir(exist_ok=True)
     step("training the demo model (an MLP classifier on generated data) and exporting it to ONNX")
     subprocess.run(
         [sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(model)], check=True
     )
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    uri = f"file://{model}"
+    if node.enabled():
+        # The containers see no host file: the pods fetch the model over HTTP from the bridge.
+        _background(
+            "model-server",
+            [sys.executable, "-m", "http.server", "--bind", network.GATEWAY,
+             "--directory", str(model.parent), str(MODEL_PORT)],
+        )  # fmt: skip
+        uri = f"http://{network.GATEWAY}:{MODEL_PORT}/{model.name}"
     manifest = {
         "apiVersion": "modeldeploy.io/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": NAME, "namespace": NAMESPACE},
         "spec": {
-            "model": {"uri": f"file://{model}", "sha256": digest, "version": "1"},
+            "model": {"uri": uri, "sha256": digest, "version": "1"},
             "quantization": "dynamic-int8",
             "runtime": {"maxBatchSize": 16, "maxBatchDelayMs": 2},
             "replicas": 2,
@@ -177,7 +234,8 @@ def up(traffic_seconds: float) -> None:
         )
     )["items"]
     addresses = ", ".join(p["status"]["podIP"] for p in pods)
-    step(f"Ready: the readiness probes of its pods ({addresses}) pass")
+    where = f"containers on {node.NAME}" if node.enabled() else "the pod runner's processes"
+    step(f"Ready: the readiness probes of its pods ({addresses}; {where}) pass")
     status_url = _md()["status"]["url"]
     base = status_url.removeprefix("http://").partition("/")[2].removesuffix(f"/v2/models/{NAME}")
     url = f"{ingress.url().removeprefix('http://')}/{base}"
@@ -216,7 +274,7 @@ def up(traffic_seconds: float) -> None:
 def down() -> None:
     """Stops the demo's processes and deletes its namespace; the cluster keeps running."""
     localcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s")
-    for name in ("pod-runner", "operator"):
+    for name in ("pod-runner", "operator", "model-server"):
         pid_file = demo_dir() / f"{name}.pid"
         if pid_file.exists():
             pid = int(pid_file.read_text())

@@ -36,6 +36,7 @@ REGISTRY_VERSION = "v3.1.2"  # github.com/distribution/distribution/v3: the loca
 # plugins, and the kubelet from the same pinned k8s.io/kubernetes module as the control plane.
 CONTAINERD_VERSION = "v2.4.2"
 CNI_PLUGINS_VERSION = "v1.10.0"
+CRI_TOOLS_VERSION = "v1.34.0"  # crictl: the node's pods removed through CRI at teardown
 _CNI_PLUGINS = ("main/bridge", "main/loopback", "ipam/host-local", "meta/portmap")
 
 _VERSION_PACKAGES = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
@@ -276,6 +277,7 @@ class NodeBinaries:
     containerd_shim_runc_v2: Path
     cni_bin_dir: Path  # bridge, loopback, host-local, portmap
     kubelet: Path
+    crictl: Path
 
 
 def node_binaries() -> NodeBinaries:
@@ -287,6 +289,7 @@ def node_binaries() -> NodeBinaries:
         containerd_shim_runc_v2=containerd / "containerd-shim-runc-v2",
         cni_bin_dir=root / f"cni-plugins-{CNI_PLUGINS_VERSION}",
         kubelet=root / f"kubelet-{KUBERNETES_VERSION}" / "kubelet",
+        crictl=root / f"cri-tools-{CRI_TOOLS_VERSION}" / "crictl",
     )
 
 
@@ -329,4 +332,6 @@ def build_node() -> NodeBinaries:
             )
         ],
     )  # fmt: skip
+    crictl = f"sigs.k8s.io/cri-tools/cmd/crictl@{CRI_TOOLS_VERSION}"
+    _build_into(wanted.crictl.parent, [(f"crictl {CRI_TOOLS_VERSION}", ["install", crictl], None)])
     return wanted

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_dev import build, network, pki
+from modeldeploy_dev import build, network, node, pki
 
 APISERVER_PORT = int(os.environ.get("MODELDEPLOY_CLUSTER_PORT", "16443"))
 _ETCD_CLIENT_PORT = APISERVER_PORT - 4000
@@ -36,6 +36,7 @@ _SCHEDULER_PORT = APISERVER_PORT + 2
 _KWOK_PORT = APISERVER_PORT + 3
 _KUBE_PROXY_METRICS_PORT = APISERVER_PORT + 10
 _KUBE_PROXY_HEALTHZ_PORT = APISERVER_PORT + 11
+_KUBELET_PORT = APISERVER_PORT + 20  # and its healthz on the next port
 # The pods KWOK simulates get loopback addresses: nothing runs behind them (the scale benchmark
 # answers for them on 0.0.0.0). The pod runner's pods get real ones from network.POD_CIDR.
 SIMULATED_POD_CIDR = "127.64.0.0/16"
@@ -47,6 +48,8 @@ COMPONENTS = (
     "kwok",
     "kube-proxy",
 )
+# The real node's daemons (`MODELDEPLOY_NODE=kubelet`), started after the control plane.
+NODE_COMPONENTS = ("containerd", "kubelet")
 
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
@@ -208,9 +211,13 @@ def _start(
     state.pid(component).write_text(str(process.pid))
 
 
+def _components() -> tuple[str, ...]:
+    return COMPONENTS + NODE_COMPONENTS if node.enabled() else COMPONENTS
+
+
 def is_running() -> bool:
     state = paths()
-    return all(_pid_alive(state.pid(c)) for c in COMPONENTS) and _https_ok(
+    return all(_pid_alive(state.pid(c)) for c in _components()) and _https_ok(
         state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"
     )
 
@@ -267,10 +274,10 @@ def _apply_nodes() -> None:
     kubectl(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
     )
-    for node in nodes:
+    for simulated in nodes:
         # A Node's status is a subresource: apply sets it at creation only.
-        patch = json.dumps({"status": node["status"]})
-        name = node["metadata"]["name"]
+        patch = json.dumps({"status": simulated["status"]})
+        name = simulated["metadata"]["name"]
         kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", patch)
     names = [node["metadata"]["name"] for node in nodes]
     kubectl("wait", "--for=condition=Ready", *(f"node/{n}" for n in names), "--timeout=120s")
@@ -316,7 +323,13 @@ def _apiserver_argv(state: Paths, binaries: build.Binaries) -> list[str]:
         f"--service-account-key-file={p / 'service-account.pub'}",
         f"--service-account-signing-key-file={p / 'service-account.key'}",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        "--authorization-mode=RBAC",
+        # Node: the real node's kubelet gets what its pods need and no more (with NodeRestriction).
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
+        # No DNS here: the kubelet's Hostname address would not resolve.
+        "--kubelet-preferred-address-types=InternalIP",
         f"--service-cluster-ip-range={network.SERVICE_CIDR}",
         # The pod runner's node takes the runtime pods of the namespaces it serves.
         "--feature-gates=MutatingAdmissionPolicy=true",
@@ -463,14 +476,15 @@ def up() -> Paths:
         ingress.up(state, binaries)
         return state
     ingress.down(state)
+    _stop_node(state)
     _stop_processes(state)
-    network.setup()
+    network.setup(APISERVER_PORT)
     if not all((state.pki / f"{stem}.crt").is_file() for stem, _, _ in pki.CLIENTS):
         # An older cluster's PKI lacks a newer component's identity: start that cluster afresh.
         subprocess.run(["rm", "-rf", str(state.root)], check=True)
         pki.generate(state.pki)
         _write_kubeconfig(state.kubeconfig, state, "admin")
-        for stem in ("controller-manager", "scheduler", "kwok", "kube-proxy", "traefik"):
+        for stem in ("controller-manager", "scheduler", "kwok", "kube-proxy", "traefik", "node"):
             _write_kubeconfig(state.component_kubeconfig(stem), state, stem)
     _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kube-proxy")
     _start_control_plane(state, binaries)
@@ -479,10 +493,54 @@ def up() -> Paths:
     kubectl("apply", "-f", "-", input=json.dumps(policy))
     healthz = f"http://127.0.0.1:{_KUBE_PROXY_HEALTHZ_PORT}/healthz"
     _wait("kube-proxy", lambda: _http_ok(healthz), 60, state, "kube-proxy")
+    if node.enabled():
+        _start_node(state)
     _log(f"starting traefik; Ingresses and the Gateway are served on {ingress.url()}")
     ingress.up(state, binaries)
     _log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {state.kubeconfig}")
     return state
+
+
+def _start_node(state: Paths) -> None:
+    """containerd, then the kubelet (which registers the node); the pod sandbox image is pushed
+    to the local registry first, which the node pulls it from."""
+    from modeldeploy_dev import images, registry
+
+    started = time.monotonic()
+    build.build_node()
+    address = registry.up()
+    sandbox = registry.push(images.describe("pause", images.build_pause_image()))
+    node_state = node.paths(state.root)
+    node.prepare(node_state, state.pki, address, sandbox, _KUBELET_PORT)
+    _log("starting the node: containerd and the kubelet")
+    _start(state, "containerd", node.containerd_argv(node_state), env=node.containerd_env())
+    _wait("containerd", lambda: node.containerd_ready(node_state), 60, state, "containerd")
+    policy = {"apiVersion": "v1", "kind": "List", "items": node.placement_policy()}
+    kubectl("apply", "-f", "-", input=json.dumps(policy))
+    kubelet = node.kubelet_argv(node_state, state.component_kubeconfig("node"))
+    _start(state, "kubelet", kubelet)
+
+    def node_ready() -> bool:
+        result = run_kubectl(state.kubeconfig, "get", "node", node.NAME, "-o", "json")
+        if result.returncode != 0:
+            return False
+        conditions = json.loads(result.stdout)["status"].get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    _wait("the kubelet's node", node_ready, 120, state, "kubelet")
+    _log(f"node {node.NAME} Ready in {time.monotonic() - started:.1f}s")
+
+
+def _stop_node(state: Paths) -> None:
+    """The kubelet first, then every pod through CRI (so CNI releases their addresses), then
+    containerd; then what they leave mounted, in nftables and in cgroups."""
+    node_state = node.paths(state.root)
+    if not node_state.root.is_dir():
+        return
+    _stop_processes(state, ("kubelet",))
+    node.remove_pods(node_state)
+    _stop_processes(state, ("containerd",))
+    node.clean(node_state)
 
 
 def _stop_processes(
@@ -524,6 +582,7 @@ def down() -> None:
 
     state = paths()
     ingress.down(state)
+    _stop_node(state)
     _stop_processes(state)
     network.teardown()
     if state.root.is_dir():

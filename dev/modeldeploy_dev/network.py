@@ -57,10 +57,20 @@ def _require_tools() -> None:
         )
 
 
-def _guard_rules() -> str:
+def kubernetes_service_address() -> str:
+    """The `kubernetes` Service's ClusterIP: the first address of the Service range."""
+    return str(ipaddress.ip_network(SERVICE_CIDR)[1])
+
+
+def _guard_rules(apiserver_port: int) -> str:
     cluster = f"{{ {POD_CIDR}, {SERVICE_CIDR} }}"
     return f"""
 table inet {_NFT_TABLE} {{
+    chain apiserver {{
+        type nat hook prerouting priority dstnat - 10; policy accept;
+        iifname "{BRIDGE}" ip daddr {kubernetes_service_address()} tcp dport 443 \
+            dnat ip to 127.0.0.1:{apiserver_port}
+    }}
     chain postrouting {{
         type filter hook postrouting priority 200; policy accept;
         ip daddr {cluster} oifname != {{ "{BRIDGE}", "lo" }} drop
@@ -75,8 +85,13 @@ table inet {_NFT_TABLE} {{
 """
 
 
-def setup() -> None:
-    """The bridge, the Service route and the guard rules; idempotent."""
+def setup(apiserver_port: int) -> None:
+    """The bridge, the Service route and the guard rules; idempotent.
+
+    A pod's in-cluster client calls the `kubernetes` Service (no endpoint can be a loopback
+    address): packets for it from the bridge go to the API server on 127.0.0.1, which the
+    bridge alone may route to (`route_localnet`).
+    """
     _require_tools()
     if _ip("link", "show", BRIDGE, check=False).returncode != 0:
         _ip("link", "add", BRIDGE, "type", "bridge")
@@ -89,7 +104,10 @@ def setup() -> None:
     # Only for packets arriving on our own bridge (a pod calling a Service); the guard keeps
     # them on it. The host's global forwarding setting is left alone.
     Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/forwarding").write_text("1")
-    rules = f"table inet {_NFT_TABLE}\ndelete table inet {_NFT_TABLE}\n{_guard_rules()}"
+    Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").write_text("1")
+    rules = (
+        f"table inet {_NFT_TABLE}\ndelete table inet {_NFT_TABLE}\n{_guard_rules(apiserver_port)}"
+    )
     result = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"nft refused the guard rules: {result.stderr.strip()}")

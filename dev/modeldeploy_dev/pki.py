@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from modeldeploy_dev import network, node
+
 _VALIDITY = datetime.timedelta(days=3650)
 
 # Client identities: (file stem, common name, organization). Each component gets its own
@@ -24,6 +26,10 @@ CLIENTS = (
     # Bound to the system:node-proxier ClusterRole by the API server's default RBAC.
     ("kube-proxy", "system:kube-proxy", None),
     ("apiserver-etcd-client", "kube-apiserver-etcd-client", None),
+    # The real node's kubelet: the Node authorizer and NodeRestriction know it by this name.
+    ("node", f"system:node:{node.NAME}", "system:nodes"),
+    # The API server calling kubelets (logs, exec, port-forward).
+    ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
 )
 
 
@@ -130,7 +136,18 @@ def generate(directory: Path) -> None:
         _name("kube-apiserver"),
         ca,
         usages=server,
-        sans=loopback + apiserver_names,
+        # In a pod, the in-cluster client calls the `kubernetes` Service by its address.
+        sans=loopback
+        + apiserver_names
+        + [x509.IPAddress(ipaddress.ip_network(network.SERVICE_CIDR)[1])],
+    )
+    _issue(
+        directory,
+        "kubelet",
+        _name(f"system:node:{node.NAME}"),
+        ca,
+        usages=server,
+        sans=[x509.DNSName(node.NAME), x509.IPAddress(ipaddress.ip_address(network.GATEWAY))],
     )
     _issue(
         directory,

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def identity() -> str:
-    """The pod (its hostname) and the process: unique among replicas and their restarts."""
-    return f"{socket.gethostname()}_{os.getpid()}"
+    """The pod (its hostname) and this start of the process: unique among replicas and their
+    restarts. Not the pid: in a container it is 1 at every restart, and a restarted leader would
+    take its dead predecessor's Lease for its own."""
+    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 def _micro_time(moment: float) -> str:

@@ -151,7 +151,7 @@ def _verdict(observation: Observation) -> Verdict:
         and pod["metadata"].get("annotations", {}).get(builders.ANNOTATION_MODEL_DIGEST)
         == builders.model_digest(spec)
     ]
-    failure = _pod_failure(current_pods)
+    failure = _pod_failure(current_pods, deployment)
     if failure:
         return failure
     route = _route_verdict(observation.owner, spec, observation.http_route)
@@ -225,7 +225,7 @@ def _same_parent(reported: api.Object, ref: api.ParentReference, owner: builders
     )
 
 
-def _pod_failure(pods: list[api.Object]) -> Verdict | None:
+def _pod_failure(pods: list[api.Object], deployment: api.Object) -> Verdict | None:
     """A pod of the current model whose model cannot be fetched or loaded, or image pulled."""
     for pod in pods:
         pod_status = pod.get("status", {})
@@ -248,6 +248,8 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
                         f"{container['name']}: {waiting.get('message', waiting['reason'])}",
                     )
                 if crashed and (waiting.get("reason") in _BROKEN_WAITING or "terminated" in state):
+                    if terminated.get("reason") == "OOMKilled":
+                        return _oom_killed(deployment, container, terminated)
                     detail = terminated.get("message") or terminated.get("reason", "error")
                     warmup = terminated["exitCode"] == values.EXIT_WARMUP_FAILED
                     return Verdict(
@@ -258,6 +260,26 @@ def _pod_failure(pods: list[api.Object]) -> Verdict | None:
                         f"{detail.strip()}",
                     )
     return None
+
+
+def _oom_killed(deployment: api.Object, container: api.Object, terminated: api.Object) -> Verdict:
+    """The kernel killed the container at its memory limit: say which limit (the pod template's:
+    the watched pods carry their status only), and the container's last state."""
+    spec = deployment.get("spec", {}).get("template", {}).get("spec", {})
+    specs = spec.get("initContainers", []) + spec.get("containers", [])
+    limits: api.Object = next(
+        (c.get("resources", {}).get("limits", {}) for c in specs if c["name"] == container["name"]),
+        {},
+    )
+    limit = limits.get("memory", "none set")
+    return Verdict(
+        False,
+        True,
+        "OOMKilled",
+        f"{container['name']} was OOM-killed at its memory limit ({limit}); last state: "
+        f"terminated, reason OOMKilled, exit code {terminated.get('exitCode')}, finished at "
+        f"{terminated.get('finishedAt', 'unknown')}, restarts: {container.get('restartCount', 0)}",
+    )
 
 
 def _waiting(pods: list[api.Object], progress: str) -> Verdict:

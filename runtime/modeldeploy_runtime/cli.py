@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -21,6 +23,18 @@ from modeldeploy_contract import flags, values
 from modeldeploy_runtime import fetch, settings
 
 logger = logging.getLogger("modeldeploy_runtime")
+# Where the kubelet reads a failed container's termination message (the pod's
+# terminationMessagePath, which the builders leave at Kubernetes' default).
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _last_words(error: BaseException | str) -> None:
+    """The error's first line as the container's termination message, when it runs in a pod:
+    the ModelDeployment's condition shows it instead of the tail of the log."""
+    lines = str(error).strip().splitlines()
+    if TERMINATION_LOG.exists() and lines:
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(lines[0][:1024])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,9 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except pydantic.ValidationError as error:
         logger.error("invalid settings:\n%s", error)
+        _last_words(f"invalid settings: {error}".replace("\n", " "))
         return 2
     except fetch.FetchError as error:
         logger.error("%s", error)
+        _last_words(error)
         return 1
     return _serve(config)
 
@@ -178,8 +194,10 @@ def _serve(config: settings.ServeSettings) -> int:
             runner.run(server.serve(config, workers))
     except model.WarmupError as error:
         logger.error("%s", error)
+        _last_words(error)
         return values.EXIT_WARMUP_FAILED
-    except Exception:
+    except Exception as error:
         logger.exception("the runtime failed")
+        _last_words(f"the runtime failed: {type(error).__name__}: {error}")
         return 1
     return 0

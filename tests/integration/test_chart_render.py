@@ -154,6 +154,7 @@ def test_the_operator_deployment() -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": 8080, "metrics": 9090}
     assert "--health-port=8080" in container["args"] and "--metrics-port=9090" in container["args"]
+    assert "--metrics-interval=30" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 

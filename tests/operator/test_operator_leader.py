@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 import threading
 from typing import Any
 
@@ -191,3 +192,11 @@ def test_each_renewal_cycle_gets_a_renew_deadline_of_its_own() -> None:
         assert elector.leading
     finally:
         elector.release()
+
+
+def test_each_start_of_the_operator_has_its_own_identity() -> None:
+    # In a container every start is pid 1: the identity must still differ, or a restarted leader
+    # would take its dead predecessor's Lease for its own instead of waiting for it to expire.
+    first, second = leader.identity(), leader.identity()
+    assert first != second
+    assert first.startswith(f"{socket.gethostname()}_")

@@ -120,6 +120,34 @@ def test_a_model_that_fails_to_fetch_stalls() -> None:
     assert conditions["Reconciling"].status == "False"
 
 
+def test_an_oom_killed_container_stalls_naming_its_limit_and_last_state() -> None:
+    killed = _pod(
+        containerStatuses=[
+            {
+                "name": "serve",
+                "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {
+                        "exitCode": 137,
+                        "reason": "OOMKilled",
+                        "finishedAt": "2026-12-05T01:00:00Z",
+                    }
+                },
+            }
+        ]
+    )
+    deployment = _deployment(ready=0)
+    limited = {"name": "serve", "resources": {"limits": {"memory": "64Mi"}}}
+    deployment["spec"]["template"] = {"spec": {"containers": [limited]}}
+    stalled = _conditions(_compute(deployment=deployment, pods=[killed]))["Stalled"]
+    assert (stalled.status, stalled.reason) == ("True", "OOMKilled")
+    assert stalled.message == (
+        "serve was OOM-killed at its memory limit (64Mi); last state: terminated, reason "
+        "OOMKilled, exit code 137, finished at 2026-12-05T01:00:00Z, restarts: 3"
+    )
+
+
 def test_a_failed_warm_up_the_user_asked_for_stalls_with_its_own_reason() -> None:
     failing = _pod(
         containerStatuses=[

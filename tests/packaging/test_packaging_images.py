@@ -78,6 +78,14 @@ def test_the_images_run_as_a_numeric_non_root_user(image: localimages.Image) -> 
     assert gid.isdigit() and int(gid) != 0, _config(image)["User"]
 
 
+def test_the_images_user_has_a_name(image: localimages.Image, rootfs: Path, runc: Runc) -> None:
+    # kopf names the operator's peers after getpass.getuser(), which fails for a nameless uid.
+    lookup = "import getpass, os; print(os.getuid(), getpass.getuser())"
+    result = runc.run(rootfs, process_of(_config(image), ["python", "-c", lookup]))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split() == [str(_config(image)["User"]).partition(":")[0], "modeldeploy"]
+
+
 def test_the_entry_points_start(image: localimages.Image, rootfs: Path, runc: Runc) -> None:
     config = _config(image)
     command, subcommand = ENTRY_POINTS[image.target]

@@ -326,3 +326,28 @@ def test_a_full_disk_fails_at_once(tmp_path: Path) -> None:
         sink = fetch._Sink(full, "http://h/m.onnx", None)
         with pytest.raises(fetch.FetchError, match="no space left"):
             sink.write(b"x" * 1024)
+
+
+def test_a_failed_fetch_leaves_its_error_as_the_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modeldeploy_runtime import cli
+
+    log = tmp_path / "termination-log"
+    log.write_text("")  # the kubelet creates it in every container
+    monkeypatch.setattr(cli, "TERMINATION_LOG", log)
+    missing = tmp_path / "missing.onnx"
+    code = cli.main(["fetch", "--uri", f"file://{missing}", "--dest", str(tmp_path / "out")])
+    assert code == 1
+    message = log.read_text()
+    assert "\n" not in message and str(missing) in message and "does not exist" in message
+
+
+def test_outside_a_pod_no_termination_message_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modeldeploy_runtime import cli
+
+    monkeypatch.setattr(cli, "TERMINATION_LOG", tmp_path / "absent")
+    assert cli.main(["fetch", "--uri", "ftp://x/m.onnx", "--dest", str(tmp_path)]) == 1
+    assert not (tmp_path / "absent").exists()
