@@ -76,8 +76,11 @@ def _elect(
 def _leader(
     cluster: Cluster, namespace: str, among: list[OperatorProcess]
 ) -> OperatorProcess | None:
-    holder = _holder(cluster, namespace, LEASE) or ""
-    return next((o for o in among if holder.endswith(f"_{o.pid}")), None)
+    holder = _holder(cluster, namespace, LEASE)
+    if not holder:
+        return None
+    # Each start of the process has an identity of its own, which it logs when it leads.
+    return next((o for o in among if f" as {holder}" in o.output()), None)
 
 
 def test_one_replica_acts_and_a_standby_takes_over(
