@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv tools test test-node lint demo demo-down clean lock
+.PHONY: venv tools test lint demo demo-down clean lock
 
 # The locked dependencies (hashes checked), then the project and the development package
 # (dev/, the local cluster and generators) editable, without dependencies of their own.
@@ -24,10 +24,10 @@ lint: venv
 
 # System tools the tests use that no Python or Go registry provides, from Debian's packages:
 # Lua for the Argo CD health check, Prometheus for the metrics end-to-end test, wrk for the
-# benchmarks and their smoke tests, ip and nft for the local cluster's pod network; buildah,
-# mmdebstrap and runc to build the images from the Dockerfile and run them, busybox-static for the
-# pod sandbox image (`modeldeploy-dev images`).
-DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk ip:iproute2 nft:nftables \
+# benchmarks and their smoke tests, ip, nft and iptables for the local cluster's pod network and
+# its kubelet; buildah, mmdebstrap and runc to build the images from the Dockerfile and run them,
+# busybox-static for the pod sandbox image (`modeldeploy-dev images`).
+DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk ip:iproute2 nft:nftables iptables:iptables \
 	buildah:buildah mmdebstrap:mmdebstrap runc:runc busybox:busybox-static
 tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
@@ -38,11 +38,6 @@ tools:
 
 test: lint tools
 	$(BIN)/pytest
-
-# The real node's tests (tests/e2e/test_e2e_node.py): the cluster with a kubelet and containerd.
-# A cluster already running without the node is restarted with it.
-test-node: venv tools
-	MODELDEPLOY_NODE=kubelet $(BIN)/pytest -m node
 
 demo: venv tools
 	$(BIN)/python demo/run.py

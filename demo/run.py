@@ -1,10 +1,8 @@
 """`make demo`: the whole product on this machine, from nothing to live metrics in `kubectl get md`.
 
-Brings up the local cluster (building it the first time), installs the CRD, starts the operator
-and the local pod runner (the node agent that runs the real runtime behind the demo's pods, each in
-a network namespace of its own, and reports them Ready when their readiness probes pass) -- or,
-with MODELDEPLOY_NODE=kubelet, builds the images and installs the chart, whose operator pods and
-runtime pods run as containers on the real node --, trains a
+Brings up the local cluster (building it the first time), installs the CRD, builds the operator
+and runtime images from the Dockerfile (unless the tree is unchanged) and installs the chart with
+them, whose operator pods and runtime pods run as containers on the cluster's real node; trains a
 small model, applies its ModelDeployment (with an Ingress), waits until it is Ready, sends real
 traffic to the URL in its status through the ingress controller (Traefik, on this machine's
 loopback) with an unchanged Open Inference Protocol client, and ends by showing the
@@ -35,14 +33,13 @@ from modeldeploy_dev import build, ingress, network, node
 from modeldeploy_dev import cluster as localcluster
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 NAMESPACE = "demo"
 NAME = "iris"
 # No DNS here: clients reach the ingress controller on loopback and name this host in the Host
 # header, as they would after DNS pointed the name at a load balancer.
 HOST = "iris.demo.example"
 METRICS_INTERVAL_S = 5
-# On the real node (MODELDEPLOY_NODE=kubelet), the model is served to the pods from the bridge.
+# The containers see no host file: the model is served to the pods over HTTP from the bridge.
 MODEL_PORT = 18092
 STARTED = time.monotonic()
 
@@ -120,23 +117,6 @@ def _fresh_metrics(since: float) -> dict[str, Any] | None:
     return metrics if written >= since else None
 
 
-def _start_operator_and_pod_runner() -> None:
-    # Before any pod exists: the namespace's runtime pods go to the pod runner's node.
-    localcluster.kubectl(
-        "label", "namespace", NAMESPACE, f"{network.NAMESPACE_LABEL}=true", "--overwrite"
-    )
-    _background(
-        "operator",
-        [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--bind-address", "127.0.0.1",
-         "--health-port", "18090", "--metrics-port", "18091",
-         "--metrics-interval", str(METRICS_INTERVAL_S)],
-    )  # fmt: skip
-    _background(
-        "pod-runner",
-        [str(BIN / "modeldeploy-dev"), "cluster", "run-pods", "--namespace", NAMESPACE],
-    )
-
-
 def _install_chart() -> None:
     """The images built from the Dockerfile, pushed to the local registry, and the chart
     installed with them: the operator's two replicas and the runtime pods run as containers on
@@ -192,10 +172,7 @@ def up(traffic_seconds: float) -> None:
         step(f"waiting for the namespace {NAMESPACE} left by an earlier run to go")
         localcluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
     localcluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    if node.enabled():
-        _install_chart()
-    else:
-        _start_operator_and_pod_runner()
+    _install_chart()
 
     model = demo_dir() / "model" / "iris.onnx"
     model.parent.mkdir(exist_ok=True)
@@ -204,15 +181,12 @@ def up(traffic_seconds: float) -> None:
         [sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(model)], check=True
     )
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    uri = f"file://{model}"
-    if node.enabled():
-        # The containers see no host file: the pods fetch the model over HTTP from the bridge.
-        _background(
-            "model-server",
-            [sys.executable, "-m", "http.server", "--bind", network.GATEWAY,
-             "--directory", str(model.parent), str(MODEL_PORT)],
-        )  # fmt: skip
-        uri = f"http://{network.GATEWAY}:{MODEL_PORT}/{model.name}"
+    _background(
+        "model-server",
+        [sys.executable, "-m", "http.server", "--bind", network.GATEWAY,
+         "--directory", str(model.parent), str(MODEL_PORT)],
+    )  # fmt: skip
+    uri = f"http://{network.GATEWAY}:{MODEL_PORT}/{model.name}"
     manifest = {
         "apiVersion": "modeldeploy.io/v1alpha1",
         "kind": "ModelDeployment",
@@ -234,8 +208,7 @@ def up(traffic_seconds: float) -> None:
         )
     )["items"]
     addresses = ", ".join(p["status"]["podIP"] for p in pods)
-    where = f"containers on {node.NAME}" if node.enabled() else "the pod runner's processes"
-    step(f"Ready: the readiness probes of its pods ({addresses}; {where}) pass")
+    step(f"Ready: the readiness probes of its pods ({addresses}; containers on {node.NAME}) pass")
     status_url = _md()["status"]["url"]
     base = status_url.removeprefix("http://").partition("/")[2].removesuffix(f"/v2/models/{NAME}")
     url = f"{ingress.url().removeprefix('http://')}/{base}"
@@ -274,7 +247,7 @@ def up(traffic_seconds: float) -> None:
 def down() -> None:
     """Stops the demo's processes and deletes its namespace; the cluster keeps running."""
     localcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s")
-    for name in ("pod-runner", "operator", "model-server"):
+    for name in ("model-server",):
         pid_file = demo_dir() / f"{name}.pid"
         if pid_file.exists():
             pid = int(pid_file.read_text())

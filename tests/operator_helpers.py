@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from kopf.testing import KopfRunner
 
-from modeldeploy_dev import crd
+from modeldeploy_dev import crd, node
 from modeldeploy_operator import spec as api
 from support import Cluster
 
@@ -31,6 +31,45 @@ def install_crd(cluster: Cluster) -> None:
     cluster.kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}"
     )
+
+
+def place_on_node(cluster: Cluster, namespace: str, restricted: bool = True) -> None:
+    """Every pod created in the namespace from now on runs on the local cluster's real node (its
+    placement policy), under pod-security `restricted` unless told otherwise."""
+    labels = [f"{node.NAMESPACE_LABEL}={node.NAMESPACE_VALUE}"]
+    if restricted:
+        labels.append("pod-security.kubernetes.io/enforce=restricted")
+    cluster.kubectl("label", "namespace", namespace, *labels, "--overwrite")
+
+
+def python_pod(
+    name: str, image: str, script: str, *args: str, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A pod running `python -c script args...` in `image` (the runtime image has Python), with
+    the security context pod-security `restricted` asks for."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 1,
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "python",
+                    "image": image,
+                    "command": ["python", "-c", script, *args],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
 
 
 @contextmanager

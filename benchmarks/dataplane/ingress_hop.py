@@ -3,7 +3,8 @@ model, straight to its pod's address on the pod network vs through Traefik (127.
 with the Ingress's Host header), alternating one of each so both see the same machine state.
 
 Sets up its own ModelDeployment (one replica, `spec.ingress` host and path) in a namespace of its
-own, with an operator and a pod runner for that namespace; starts the local cluster if it is not
+own, with an operator for that namespace, its pod a container of the runtime image (built and
+pushed unless cached) on the local cluster's real node; starts the local cluster if it is not
 running (and stops it again at the end), and removes all it made.
 
     python benchmarks/dataplane/ingress_hop.py [--requests 1000]
@@ -27,7 +28,7 @@ import numpy as np
 import tritonclient.http as triton_http
 
 from modeldeploy_dev import cluster as localcluster
-from modeldeploy_dev import ingress, network
+from modeldeploy_dev import images, ingress, network, node, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -53,8 +54,8 @@ def _ready() -> bool:
 
 
 @contextlib.contextmanager
-def _process(argv: list[str], log: Path) -> Iterator[None]:
-    env = os.environ | {"KUBECONFIG": str(localcluster.kubeconfig_path())}
+def _process(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    env = os.environ | {"KUBECONFIG": str(localcluster.kubeconfig_path())} | (env or {})
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -71,21 +72,30 @@ def _deployment(workdir: Path) -> Iterator[str]:
     localcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true")
     localcluster.kubectl("create", "namespace", NAMESPACE)
     localcluster.kubectl(
-        "label", "namespace", NAMESPACE, f"{network.NAMESPACE_LABEL}=true", "--overwrite"
-    )
+        "label", "namespace", NAMESPACE, f"{node.NAMESPACE_LABEL}={node.NAMESPACE_VALUE}",
+        "--overwrite",
+    )  # fmt: skip
+    registry.up()
+    runtime_image = registry.push(images.build()["runtime"])
     model = workdir / "iris.onnx"
     subprocess.run([sys.executable, str(ROOT / "demo" / "train.py"), "--out", str(model)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    # The container sees no host file: the model is served to it from the bridge's address.
+    port = 18192
+    model_server = [sys.executable, "-m", "http.server", "--bind", network.GATEWAY,
+                    "--directory", str(workdir), str(port)]  # fmt: skip
     operator = [str(BIN / "modeldeploy"), "run", "--namespace", NAMESPACE, "--bind-address",
                 "127.0.0.1", "--health-port", "18190", "--metrics-port", "18191"]  # fmt: skip
-    runner = [str(BIN / "modeldeploy-dev"), "cluster", "run-pods", "--namespace", NAMESPACE]
-    with _process(operator, workdir / "operator.log"), _process(runner, workdir / "runner.log"):
+    with (
+        _process(operator, workdir / "operator.log", {"MODELDEPLOY_RUNTIME_IMAGE": runtime_image}),
+        _process(model_server, workdir / "model-server.log"),
+    ):
         manifest = {
             "apiVersion": "modeldeploy.io/v1alpha1",
             "kind": "ModelDeployment",
             "metadata": {"name": "iris", "namespace": NAMESPACE},
             "spec": {
-                "model": {"uri": f"file://{model}", "name": "iris"},
+                "model": {"uri": f"http://{network.GATEWAY}:{port}/iris.onnx", "name": "iris"},
                 "replicas": 1,
                 # No batching wait: one request at a time, so the figures are the paths' own.
                 "runtime": {"maxBatchDelayMs": 0},
@@ -100,7 +110,6 @@ def _deployment(workdir: Path) -> Iterator[str]:
             ).strip()
             yield pod_ip
         finally:
-            # While the pod runner still runs, so it stops the pod and removes its namespace.
             localcluster.kubectl("delete", "md", "iris", "-n", NAMESPACE, "--wait=true")
             localcluster.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--wait=true",
                                  "--timeout=60s", check=False)  # fmt: skip

@@ -32,7 +32,7 @@ HELM_VERSION = "v3.21.4"
 TRAEFIK_VERSION = "v3.6.12"
 GATEWAY_API_VERSION = "v1.4.0"  # the version Traefik v3.6.12 is built against
 REGISTRY_VERSION = "v3.1.2"  # github.com/distribution/distribution/v3: the local image registry
-# A real node (not yet started by `cluster up`): containerd with its runc shim, the CNI reference
+# The real node (started by `cluster up`): containerd with its runc shim, the CNI reference
 # plugins, and the kubelet from the same pinned k8s.io/kubernetes module as the control plane.
 CONTAINERD_VERSION = "v2.4.2"
 CNI_PLUGINS_VERSION = "v1.10.0"

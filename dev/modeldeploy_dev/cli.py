@@ -19,12 +19,7 @@ def _cluster(args: argparse.Namespace) -> int:
         print(cluster.kubeconfig_path())
     elif args.action == "build":
         build.build_all()
-    elif args.action == "run-pods":
-        from modeldeploy_dev import podrunner
-
-        if not args.namespace:
-            raise RuntimeError("run-pods needs --namespace: the namespace whose pods it runs")
-        podrunner.main(args.namespace)
+        build.build_node()
     return 0
 
 
@@ -57,17 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modeldeploy-dev", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     cluster = commands.add_parser(
-        "cluster", help="a local Kubernetes control plane (etcd, apiserver, KWOK nodes)"
+        "cluster",
+        help="a local Kubernetes cluster: its control plane (etcd, apiserver, ...), a real node "
+        "(containerd, kubelet) and KWOK's simulated nodes",
     )
     cluster.add_argument(
         "action",
-        choices=["up", "down", "kubeconfig", "build", "run-pods"],
+        choices=["up", "down", "kubeconfig", "build"],
         help="up: start (idempotent), down: stop and delete, kubeconfig: print its path, "
-        "build: only build the binaries, run-pods: be the node agent that runs the real runtime "
-        "behind a namespace's runtime pods, each in its own network namespace (foreground)",
-    )
-    cluster.add_argument(
-        "--namespace", help="run-pods (required): the namespace whose runtime pods to run"
+        "build: only build the binaries",
     )
     cluster.set_defaults(func=_cluster)
     images = commands.add_parser(

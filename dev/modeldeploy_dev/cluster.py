@@ -1,7 +1,7 @@
 """A real local Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, KWOK (which simulates the nodes, so pods get scheduled and report Ready) and
-kube-proxy (nftables), which routes Services to the pods the pod runner runs on the bridge that
-`network` sets up.
+kube-scheduler, KWOK (which simulates nodes, so pods get scheduled and report Ready without
+running), a real node (`node`: containerd and a kubelet, whose pods are containers on the bridge
+that `network` sets up) and kube-proxy (nftables), which routes Services to them.
 
 TLS everywhere, RBAC on, every component under its own identity. The processes run detached and
 outlive the command that started them; their pids, logs and data live in the state folder.
@@ -38,7 +38,7 @@ _KUBE_PROXY_METRICS_PORT = APISERVER_PORT + 10
 _KUBE_PROXY_HEALTHZ_PORT = APISERVER_PORT + 11
 _KUBELET_PORT = APISERVER_PORT + 20  # and its healthz on the next port
 # The pods KWOK simulates get loopback addresses: nothing runs behind them (the scale benchmark
-# answers for them on 0.0.0.0). The pod runner's pods get real ones from network.POD_CIDR.
+# answers for them on 0.0.0.0). The real node's pods get real ones from network.POD_CIDR.
 SIMULATED_POD_CIDR = "127.64.0.0/16"
 COMPONENTS = (
     "etcd",
@@ -48,7 +48,7 @@ COMPONENTS = (
     "kwok",
     "kube-proxy",
 )
-# The real node's daemons (`MODELDEPLOY_NODE=kubelet`), started after the control plane.
+# The real node's daemons, started before kube-proxy (which takes its address from the Node).
 NODE_COMPONENTS = ("containerd", "kubelet")
 
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
@@ -211,13 +211,9 @@ def _start(
     state.pid(component).write_text(str(process.pid))
 
 
-def _components() -> tuple[str, ...]:
-    return COMPONENTS + NODE_COMPONENTS if node.enabled() else COMPONENTS
-
-
 def is_running() -> bool:
     state = paths()
-    return all(_pid_alive(state.pid(c)) for c in _components()) and _https_ok(
+    return all(_pid_alive(state.pid(c)) for c in COMPONENTS + NODE_COMPONENTS) and _https_ok(
         state, f"https://127.0.0.1:{APISERVER_PORT}/readyz"
     )
 
@@ -331,7 +327,7 @@ def _apiserver_argv(state: Paths, binaries: build.Binaries) -> list[str]:
         # No DNS here: the kubelet's Hostname address would not resolve.
         "--kubelet-preferred-address-types=InternalIP",
         f"--service-cluster-ip-range={network.SERVICE_CIDR}",
-        # The pod runner's node takes the runtime pods of the namespaces it serves.
+        # The real node takes the pods of the namespaces labelled for it (node.placement_policy).
         "--feature-gates=MutatingAdmissionPolicy=true",
         "--runtime-config=admissionregistration.k8s.io/v1beta1=true",
         # The "kubernetes" Service endpoints cannot point at a loopback address.
@@ -403,7 +399,7 @@ def _kube_proxy_argv(state: Paths, binaries: build.Binaries) -> list[str]:
         str(binaries.kube_proxy),
         f"--kubeconfig={state.component_kubeconfig('kube-proxy')}",
         "--proxy-mode=nftables",
-        f"--hostname-override={network.NODE_NAME}",
+        f"--hostname-override={node.NAME}",
         f"--bind-address={network.GATEWAY}",
         f"--cluster-cidr={network.POD_CIDR}",
         f"--nodeport-addresses={network.GATEWAY}/32",
@@ -430,9 +426,6 @@ def _start_component(state: Paths, binaries: build.Binaries, component: str) -> 
     """Starts one component; etcd and the API server are waited for, as the others need them."""
     if component == "kube-apiserver":
         (state.root / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
-    elif component == "kube-proxy":
-        # kube-proxy waits for its node's address: register the pod runner's node first.
-        kubectl("apply", "-f", "-", input=json.dumps(network.node()))
     _start(state, component, _ARGV[component](state, binaries))
     if component == "etcd":
         etcd_health = f"http://127.0.0.1:{_ETCD_METRICS_PORT}/health"
@@ -444,8 +437,10 @@ def _start_component(state: Paths, binaries: build.Binaries, component: str) -> 
 
 def _start_control_plane(state: Paths, binaries: build.Binaries) -> None:
     """etcd, then the API server, then the components that talk to it, each once the one before
-    answers."""
+    answers; the real node before kube-proxy, which waits for its Node's address."""
     for component in COMPONENTS:
+        if component == "kube-proxy":
+            _start_node(state)
         _start_component(state, binaries, component)
 
 
@@ -486,15 +481,14 @@ def up() -> Paths:
         _write_kubeconfig(state.kubeconfig, state, "admin")
         for stem in ("controller-manager", "scheduler", "kwok", "kube-proxy", "traefik", "node"):
             _write_kubeconfig(state.component_kubeconfig(stem), state, stem)
-    _log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kube-proxy")
+    _log(
+        "starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, the node, "
+        "kube-proxy"
+    )
     _start_control_plane(state, binaries)
     _apply_nodes()
-    policy = {"apiVersion": "v1", "kind": "List", "items": network.placement_policy()}
-    kubectl("apply", "-f", "-", input=json.dumps(policy))
     healthz = f"http://127.0.0.1:{_KUBE_PROXY_HEALTHZ_PORT}/healthz"
     _wait("kube-proxy", lambda: _http_ok(healthz), 60, state, "kube-proxy")
-    if node.enabled():
-        _start_node(state)
     _log(f"starting traefik; Ingresses and the Gateway are served on {ingress.url()}")
     ingress.up(state, binaries)
     _log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {state.kubeconfig}")

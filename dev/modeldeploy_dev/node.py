@@ -6,8 +6,10 @@ so that only pods meant for it land there: pods in namespaces labelled
 `modeldeploy.io/node=kubelet` get its toleration and node selector from a MutatingAdmissionPolicy.
 Their containers are real: images pulled from the local registry (127.0.0.1:15000, plain HTTP),
 security contexts, cgroup limits and volume mounts as the kubelet makes them. Pod addresses come
-from the CNI bridge plugin's host-local range 10.244.128.0/17 on `mdbr0`, which `network` sets up
+from the CNI bridge plugin's host-local range 10.244.0.0/16 on `mdbr0`, which `network` sets up
 with the guard that keeps every cluster packet on the machine; kube-proxy routes Services to them.
+Pods of other namespaces stay on KWOK's simulated nodes (`cluster`): scheduled and reported Ready,
+with nothing running.
 
 What this machine forces is written where it is configured: a cgroup v1 hierarchy and no
 systemd (cgroupfs driver, `failCgroupV1: false`), no CAP_SYS_RESOURCE (containerd's
@@ -37,8 +39,6 @@ NAME = "modeldeploy-node"
 NAMESPACE_LABEL = "modeldeploy.io/node"
 NAMESPACE_VALUE = "kubelet"
 TAINT = {"key": NAMESPACE_LABEL, "value": NAMESPACE_VALUE, "effect": "NoSchedule"}
-# The CNI plugins' half of the pod network; the pod runner hands out addresses from the bottom.
-POD_RANGE = ("10.244.128.1", "10.244.255.254")
 CGROUP_ROOT = "/modeldeploy-node"
 _CNI_NETWORK = "modeldeploy"
 API_SERVER_NAMES = (
@@ -88,11 +88,6 @@ class Paths:
     @property
     def resolv_conf(self) -> Path:
         return self.root / "resolv.conf"
-
-
-def enabled() -> bool:
-    """`cluster up` starts the real node when MODELDEPLOY_NODE=kubelet."""
-    return os.environ.get("MODELDEPLOY_NODE", "") == "kubelet"
 
 
 def paths(cluster_root: Path) -> Paths:
@@ -164,16 +159,7 @@ def cni_config(state: Paths) -> dict[str, Any]:
                 "ipam": {
                     "type": "host-local",
                     "dataDir": str(state.root / "cni" / "networks"),
-                    "ranges": [
-                        [
-                            {
-                                "subnet": network.POD_CIDR,
-                                "rangeStart": POD_RANGE[0],
-                                "rangeEnd": POD_RANGE[1],
-                                "gateway": network.GATEWAY,
-                            }
-                        ]
-                    ],
+                    "ranges": [[{"subnet": network.POD_CIDR, "gateway": network.GATEWAY}]],
                     "routes": [{"dst": "0.0.0.0/0", "gw": network.GATEWAY}],
                 },
             },

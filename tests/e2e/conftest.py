@@ -1,8 +1,11 @@
 """End-to-end fixtures: a real Prometheus (Debian's package) that discovers the runtime pods
-through the local API server, and real runtime processes behind the simulated pods."""
+through the local API server; namespaces whose pods run as containers on the real node, from the
+runtime image built from the Dockerfile; models served to them over HTTP."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import shutil
 import subprocess
@@ -10,18 +13,19 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from modeldeploy_dev import cluster as localcluster
-from modeldeploy_dev import podrunner
-from operator_helpers import free_port
+from modeldeploy_dev import network
+from operator_helpers import free_port, place_on_node
 from support import Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
+RUNTIME_PODS = "app.kubernetes.io/managed-by=modeldeploy"
 
 
 def prometheus_config(targets_file: Path) -> dict[str, object]:
@@ -45,7 +49,7 @@ def _discover(targets_file: Path, stop: threading.Event) -> None:
     while not stop.is_set():
         pods = json.loads(
             localcluster.kubectl(
-                "get", "pods", "--all-namespaces", "-l", podrunner.SELECTOR, "-o", "json"
+                "get", "pods", "--all-namespaces", "-l", RUNTIME_PODS, "-o", "json"
             )
         )["items"]
         groups = [
@@ -100,20 +104,37 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture
-def runtime_pods(namespace: str) -> Iterator[None]:
-    """Real runtime processes behind the namespace's runtime pods, for the test's duration."""
-    # Labelled before any pod exists, so every runtime pod of the test lands on the runner's node.
-    podrunner.serve_namespace(podrunner.Api(), namespace)
-    stop = threading.Event()
-    runner = threading.Thread(target=podrunner.run, args=(stop, namespace), daemon=True)
-    runner.start()
-    yield
-    stop.set()
-    runner.join(timeout=60)
-    # With no node agent left, nothing would finish the pods' deletion with the namespace's.
-    localcluster.kubectl(
-        "delete", "pods", "--all", "-n", namespace, "--grace-period=0", "--force", check=False
-    )
+def runtime_pods(
+    cluster: Cluster,
+    namespace: str,
+    pushed_images: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The namespace's pods run as containers on the real node, and the operators the test
+    starts give runtime pods the runtime image built from the Dockerfile (as the chart does)."""
+    place_on_node(cluster, namespace)
+    monkeypatch.setenv("MODELDEPLOY_RUNTIME_IMAGE", pushed_images["runtime"])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    """Serves files over HTTP on the bridge's address, where pods can fetch them: the returned
+    function gives a file's URL (the file is served as it is on disk at each request)."""
+    directory = tmp_path / "served"
+    directory.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer((network.GATEWAY, free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def url(path: Path) -> str:
+        link = directory / path.name
+        if not link.exists():
+            link.symlink_to(path)
+        return f"http://{network.GATEWAY}:{server.server_address[1]}/{path.name}"
+
+    yield url
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture(scope="session")

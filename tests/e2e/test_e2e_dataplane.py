@@ -1,16 +1,12 @@
 """The data plane a user's clients go through: a Service's ClusterIP (kube-proxy, nftables) in
-front of pods that the pod runner runs in network namespaces of their own, Ready only when their
-readiness probe passes. Real requests with an unchanged Open Inference Protocol client."""
+front of runtime containers on the real node, Ready only when their readiness probe passes. Real
+requests with an unchanged Open Inference Protocol client."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +19,7 @@ import pytest
 import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
-from modeldeploy_contract import flags
-from modeldeploy_dev import network
+from modeldeploy_dev import node
 from operator_helpers import apply_md, condition, get, ready_md, wait_for
 from support import Cluster
 
@@ -103,9 +98,9 @@ def _cluster_ip_url(cluster: Cluster, namespace: str) -> str:
     return f"{service['spec']['clusterIP']}:8080"
 
 
-def _serve(cluster: Cluster, namespace: str, model: Path, **extra: Any) -> str:
+def _serve(cluster: Cluster, namespace: str, uri: str, **extra: Any) -> str:
     spec = {
-        "model": {"uri": f"file://{model}", "version": "1", **extra},
+        "model": {"uri": uri, "version": "1", **extra},
         "runtime": {"maxBatchSize": 8, "maxBatchDelayMs": 1},
         "replicas": 2,
     }
@@ -116,19 +111,16 @@ def _serve(cluster: Cluster, namespace: str, model: Path, **extra: Any) -> str:
 
 @contextmanager
 def _frozen(pod: dict[str, Any]) -> Iterator[None]:
-    """Stops every process of the pod (SIGSTOP): it stays alive but answers nothing."""
-    netns = network.netns_name(pod["metadata"]["uid"])
-    pids = [int(p) for p in subprocess.run(
-        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
-    ).stdout.split()]  # fmt: skip
-    assert pids, f"nothing runs in {netns}"
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    """Freezes every process of the pod (its cgroup, through the v1 freezer): it stays alive
+    but answers nothing."""
+    root = Path("/sys/fs/cgroup/freezer") / node.CGROUP_ROOT.lstrip("/")
+    (cgroup,) = root.rglob(f"pod{pod['metadata']['uid']}")
+    state = cgroup / "freezer.state"
+    state.write_text("FROZEN")
     try:
         yield
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        state.write_text("THAWED")
 
 
 @pytest.fixture
@@ -143,10 +135,11 @@ def test_a_cluster_ip_reaches_ready_pods_and_an_unready_pod_leaves_the_endpoints
     cluster: Cluster,
     namespace: str,
     model: Path,
+    served: Callable[[Path], str],
     runtime_pods: None,
     operator: KopfRunner,
 ) -> None:
-    url = _serve(cluster, namespace, model)
+    url = _serve(cluster, namespace, served(model))
     pods = _pods(cluster, namespace)
     addresses = {p["status"]["podIP"] for p in pods}
     assert len(addresses) == 2
@@ -195,6 +188,7 @@ def test_a_pod_with_a_corrupted_model_is_never_ready_and_never_gets_a_request(
     cluster: Cluster,
     namespace: str,
     model: Path,
+    served: Callable[[Path], str],
     runtime_pods: None,
     operator: KopfRunner,
     checked: bool,
@@ -204,7 +198,7 @@ def test_a_pod_with_a_corrupted_model_is_never_ready_and_never_gets_a_request(
     """The model file is corrupted under a serving ModelDeployment and a pod is replaced: with
     a sha256 in the spec the fetch refuses it, without one the runtime cannot load it."""
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    url = _serve(cluster, namespace, model, **({"sha256": digest} if checked else {}))
+    url = _serve(cluster, namespace, served(model), **({"sha256": digest} if checked else {}))
     good = {p["metadata"]["name"]: p["status"]["podIP"] for p in _pods(cluster, namespace)}
     victim = sorted(good)[0]
     model.write_bytes(b"\x00 not an onnx model " * 40)
@@ -222,7 +216,7 @@ def test_a_pod_with_a_corrupted_model_is_never_ready_and_never_gets_a_request(
             md = get(cluster, namespace, "md", "iris")
             return md if condition(md, "Ready").get("reason") == reason else None
 
-        # The operator reports it from the container states the pod runner wrote.
+        # The operator reports it from the container states the kubelet wrote.
         md = wait_for(f"the operator reporting {reason}", failed, timeout=60)
         if checked:
             assert "sha256" in condition(md, "Ready")["message"]
@@ -242,16 +236,17 @@ def test_a_rolling_update_under_load_loses_no_request(
     cluster: Cluster,
     namespace: str,
     model: Path,
+    served: Callable[[Path], str],
     runtime_pods: None,
     operator: KopfRunner,
     record_property: Callable[[str, object], None],
 ) -> None:
-    url = _serve(cluster, namespace, model)
+    url = _serve(cluster, namespace, served(model))
     before = {p["metadata"]["name"] for p in _pods(cluster, namespace)}
     with Load(url, clients=8) as load:
         time.sleep(2)
         spec = {
-            "model": {"uri": f"file://{model}", "version": "2"},
+            "model": {"uri": served(model), "version": "2"},
             "runtime": {"maxBatchSize": 8, "maxBatchDelayMs": 1},
             "replicas": 2,
         }
@@ -274,65 +269,3 @@ def test_a_rolling_update_under_load_loses_no_request(
     record_property("failed", len(load.failures))
     assert load.succeeded > 100
     assert load.failures == [], load.failures[:5]
-
-
-_FLAKY_SERVER = """
-import http.server, os
-lives = 0
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        global lives
-        if self.path == "/live":
-            lives += 1
-        self.send_response(500 if self.path == "/live" and lives > 3 else 200)
-        self.end_headers()
-    def log_message(self, *_):
-        pass
-http.server.HTTPServer((os.environ[HOST], 8080), Handler).serve_forever()
-""".replace("HOST", repr(flags.env(flags.HOST)))
-
-
-def test_a_container_failing_its_liveness_probe_is_restarted(
-    cluster: Cluster, namespace: str, runtime_pods: None
-) -> None:
-    """The pod runner runs any pod's probes as the kubelet does: this server's liveness endpoint
-    fails from its fourth call on, so it is Ready, then killed and started again."""
-    probe = {"httpGet": {"path": "/live", "port": "http"}, "periodSeconds": 1}
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "flaky", "labels": {"app.kubernetes.io/managed-by": "modeldeploy"}},
-        "spec": {
-            "automountServiceAccountToken": False,
-            "terminationGracePeriodSeconds": 2,
-            "containers": [
-                {
-                    "name": "web",
-                    "image": "registry.invalid/none:1",
-                    "command": [sys.executable, "-c", _FLAKY_SERVER],
-                    "ports": [{"name": "http", "containerPort": 8080}],
-                    "readinessProbe": probe | {"httpGet": {"path": "/ready", "port": "http"}},
-                    "livenessProbe": probe | {"failureThreshold": 2},
-                }
-            ],
-        },
-    }
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-
-    def status() -> dict[str, Any]:
-        found = get(cluster, namespace, "pod", "flaky")
-        assert found is not None
-        return dict(found.get("status", {}))
-
-    wait_for("flaky Ready", lambda: _ready({"status": status()}), timeout=30)
-    assert status()["podIP"].startswith("10.244.")
-
-    def restarted() -> dict[str, Any] | None:
-        statuses = status().get("containerStatuses", [])
-        return statuses[0] if statuses and statuses[0]["restartCount"] >= 1 else None
-
-    web = wait_for("a restart after the liveness probe failed", restarted, timeout=30)
-    assert web["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGTERM
-    assert not web["ready"]
-    # After the kubelet's first back-off (10 s) it runs, and passes its readiness probe, again.
-    wait_for("flaky Ready again", lambda: _ready({"status": status()}), timeout=30)

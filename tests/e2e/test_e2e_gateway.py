@@ -1,9 +1,10 @@
-"""A client at status.url reaches the model the pod runner serves on the pod network, through
-Traefik: once by the Ingress the operator made, once by the HTTPRoute (the ClusterIP path is
-test_e2e_dataplane's). The two ModelDeployments share one namespace, pod runner and operator."""
+"""A client at status.url reaches the model that runtime containers on the real node serve,
+through Traefik: once by the Ingress the operator made, once by the HTTPRoute (the ClusterIP path
+is test_e2e_dataplane's). The two ModelDeployments share one namespace and operator."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,18 @@ def test_tritonclient_at_status_url_reaches_the_pods_through_the_ingress_and_the
     cluster: Cluster,
     namespace: str,
     demo_model: Path,
+    served: Callable[[Path], str],
     runtime_pods: None,
     operator: KopfRunner,
 ) -> None:
-    model = {"uri": f"file://{demo_model}", "name": "iris"}
+    model = {"uri": served(demo_model), "name": "iris"}
     routes = {
         "iris-ingress": {"ingress": {"host": f"ing.{namespace}.example", "path": "/ml"}},
         "iris-route": {
             "gateway": {
                 "parentRefs": [GATEWAY],
                 "hostnames": [f"route.{namespace}.example"],
-                # Starts like the pod's model volume's mount path (/models): the pod runner must
-                # not take it for a file under that volume.
+                # Starts like the pod's model volume's mount path (/models): only a path.
                 "path": "/models/iris",
             }
         },

@@ -77,6 +77,7 @@ def test_status_metrics_agree_with_what_the_client_measured(
     cluster: Cluster,
     namespace: str,
     demo_model: Path,
+    served: Callable[[Path], str],
     prometheus: str,
     runtime_pods: None,
     start_operator: Callable[[], AbstractContextManager[KopfRunner]],
@@ -90,7 +91,7 @@ def test_status_metrics_agree_with_what_the_client_measured(
         monkeypatch.delenv("MODELDEPLOY_PROMETHEUS_URL", raising=False)
     digest = hashlib.sha256(demo_model.read_bytes()).hexdigest()
     spec = {
-        "model": {"uri": f"file://{demo_model}", "sha256": digest, "version": "1"},
+        "model": {"uri": served(demo_model), "sha256": digest, "version": "1"},
         "runtime": {"maxBatchSize": 8, "maxBatchDelayMs": 1},
         "replicas": 2,
     }

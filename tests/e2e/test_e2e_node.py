@@ -1,17 +1,13 @@
-"""The real node (`MODELDEPLOY_NODE=kubelet`): runtime pods as containers of the runtime image,
-pulled from the local registry by the kubelet's containerd, under pod-security `restricted`."""
+"""The real node: runtime pods as containers of the runtime image, pulled from the local registry
+by the kubelet's containerd, under pod-security `restricted`; the chart's operator in pods."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import ipaddress
 import json
 import os
-import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -28,17 +24,14 @@ from modeldeploy_dev import cluster as localcluster
 from modeldeploy_dev import images as localimages
 from modeldeploy_dev import ingress, network, node
 from modeldeploy_dev import registry as localregistry
-from operator_helpers import apply_md, free_port, get, ready_md, wait_for
+from operator_helpers import apply_md, get, place_on_node, ready_md, wait_for
 from support import Cluster
 
-pytestmark = [pytest.mark.e2e, pytest.mark.node]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(autouse=True)
 def real_node(cluster: Cluster) -> None:
-    assert node.enabled(), (
-        "these tests need the real node: MODELDEPLOY_NODE=kubelet (make test-node)"
-    )
     ready = cluster.kubectl("get", "node", node.NAME, "-o", "json")
     conditions = json.loads(ready.stdout)["status"]["conditions"]
     assert {"type": "Ready", "status": "True"} in [
@@ -46,22 +39,10 @@ def real_node(cluster: Cluster) -> None:
     ]
 
 
-def _on_node(cluster: Cluster, namespace: str, restricted: bool = True) -> None:
-    labels = [f"{node.NAMESPACE_LABEL}={node.NAMESPACE_VALUE}"]
-    if restricted:
-        labels.append("pod-security.kubernetes.io/enforce=restricted")
-    cluster.kubectl("label", "namespace", namespace, *labels, "--overwrite")
-
-
 @pytest.fixture
-def model_server(demo_model: Path, tmp_path: Path) -> Iterator[str]:
+def model_server(demo_model: Path, served: Callable[[Path], str]) -> str:
     """The demo model over HTTP on the bridge's address, where pods can fetch it."""
-    shutil.copy(demo_model, tmp_path / "iris.onnx")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer((network.GATEWAY, free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://{network.GATEWAY}:{server.server_address[1]}/iris.onnx"
-    server.shutdown()
+    return served(demo_model)
 
 
 @pytest.fixture
@@ -78,11 +59,10 @@ def other_namespace(cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture
 def node_operator(
-    pushed_images: dict[str, str],
+    runtime_pods: None,
     start_operator: Callable[[], AbstractContextManager[KopfRunner]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[KopfRunner]:
-    monkeypatch.setenv("MODELDEPLOY_RUNTIME_IMAGE", pushed_images["runtime"])
     monkeypatch.setenv("MODELDEPLOY_METRICS_INTERVAL", "2")
     with start_operator() as runner:
         yield runner
@@ -116,15 +96,13 @@ def test_runtime_pods_run_as_restricted_containers_of_the_runtime_image(
     pushed_images: dict[str, str],
     node_operator: KopfRunner,
 ) -> None:
-    _on_node(cluster, namespace)
     started = time.monotonic()
     apply_md(cluster, namespace, "iris", _spec(model_server, demo_model))
     wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=180)
     print(f"apply to Ready on the real node: {time.monotonic() - started:.1f}s")
     (pod,) = _pods(cluster, namespace)
     assert pod["spec"]["nodeName"] == node.NAME
-    first, last = (ipaddress.ip_address(a) for a in node.POD_RANGE)
-    assert first <= ipaddress.ip_address(pod["status"]["podIP"]) <= last
+    assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(network.POD_CIDR)
     serve = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "runtime")
     assert serve["imageID"].endswith(pushed_images["runtime"].partition("@")[2])
 
@@ -179,7 +157,7 @@ def test_the_chart_runs_two_operators_in_pods_that_serve_through_traefik_and_han
     comes live; killing the leader's container hands over; helm upgrade rolls the operator."""
     operators, served = other_namespace, namespace
     for name in (operators, served):
-        _on_node(cluster, name)
+        place_on_node(cluster, name)
     registry = pushed_images["operator"].partition("/")[0]
     values = {
         "image.repository": f"{registry}/{images['operator'].name}",
@@ -289,7 +267,6 @@ def test_a_memory_limit_too_small_for_the_model_is_oom_killed_and_named_in_the_s
     model_server: str,
     node_operator: KopfRunner,
 ) -> None:
-    _on_node(cluster, namespace)
     spec = _spec(model_server, demo_model, resources={"limits": {"memory": "40Mi"}})
     apply_md(cluster, namespace, "iris", spec)
     stalled = wait_for("iris Stalled", lambda: _stalled(cluster, namespace, "iris"), 180)
@@ -305,7 +282,6 @@ def test_a_model_that_cannot_be_fetched_gives_its_one_line_error_as_the_conditio
     model_server: str,
     node_operator: KopfRunner,
 ) -> None:
-    _on_node(cluster, namespace)
     missing = model_server.replace("iris.onnx", "missing.onnx")
     apply_md(cluster, namespace, "iris", _spec(missing, demo_model))
     stalled = wait_for("iris Stalled", lambda: _stalled(cluster, namespace, "iris"), 180)

@@ -9,6 +9,7 @@ import pytest
 
 from modeldeploy_dev import build
 from modeldeploy_dev import cluster as localcluster
+from modeldeploy_dev.node import NAME as NODE
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -46,8 +47,8 @@ def test_nodes_are_ready_with_gpu_capacity(cluster: Cluster) -> None:
         assert {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"} in node[
             "spec"
         ]["taints"]
-    # KWOK's nodes; the pod runner's node is Ready only while a pod runner runs.
-    for node in (by_name[n] for n in localcluster.CPU_NODES + localcluster.GPU_NODES):
+    # KWOK's nodes, and the real one (its kubelet's own report).
+    for node in (by_name[n] for n in (*localcluster.CPU_NODES, *localcluster.GPU_NODES, NODE)):
         ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
         assert ready["status"] == "True"
 

@@ -1,23 +1,18 @@
 """The local cluster's Traefik: its Gateway is programmed, it routes an Ingress and an HTTPRoute
-to a real server on the pod network, and its identity may do what its providers need and
-nothing more."""
+to a real server in a container on the pod network, and its identity may do what its providers
+need and nothing more."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from modeldeploy_dev import build, ingress, network
-from operator_helpers import get, wait_for
+from modeldeploy_dev import build, ingress
+from operator_helpers import get, place_on_node, python_pod, wait_for
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -42,42 +37,28 @@ http.server.ThreadingHTTPServer((sys.argv[1], ECHO_PORT), Echo).serve_forever()
 
 
 @pytest.fixture
-def backend(cluster: Cluster, namespace: str) -> Iterator[None]:
-    """The Service `echo` whose one endpoint is a real HTTP server in a network namespace of its
-    own on the pod network, as the pod runner would run it (the top of the pod range, which the
-    runner, allocating from the bottom, does not reach)."""
-    uid = f"test-echo-{uuid.uuid4().hex[:8]}"
-    address = str(ipaddress.ip_network(network.POD_CIDR)[-2])
-    netns = network.attach(uid, address, "echo")
-    server = subprocess.Popen(network.in_namespace(netns, [sys.executable, "-c", _ECHO, address]))
-    objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "echo", "namespace": namespace},
-            "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": "http"}]},
+def backend(cluster: Cluster, namespace: str, pushed_images: dict[str, str]) -> None:
+    """The Service `echo` in front of a real HTTP server: a container on the real node, on the
+    pod network."""
+    place_on_node(cluster, namespace)
+    labels = {"app": "echo"}
+    pod = python_pod("echo", pushed_images["runtime"], _ECHO, "0.0.0.0", labels=labels)
+    pod["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": ECHO_PORT}]
+    pod["spec"]["containers"][0]["readinessProbe"] = {
+        "tcpSocket": {"port": "http"}, "periodSeconds": 1
+    }  # fmt: skip
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo"},
+        "spec": {
+            "selector": labels,
+            "ports": [{"name": "http", "port": 8080, "targetPort": "http"}],
         },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "echo",
-                "namespace": namespace,
-                "labels": {"kubernetes.io/service-name": "echo"},
-            },
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
-            "ports": [{"name": "http", "port": ECHO_PORT, "protocol": "TCP"}],
-        },
-    ]
-    try:
-        cluster.kubectl("apply", "-f", "-", input=json.dumps({"kind": "List", "apiVersion": "v1",
-                                                              "items": objects}))  # fmt: skip
-        yield
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        network.detach(uid)
+    }
+    items = {"kind": "List", "apiVersion": "v1", "items": [pod, service]}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(items))
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/echo", "--timeout=120s")
 
 
 def _through_traefik(host: str, path: str) -> dict[str, Any] | None:

@@ -36,6 +36,26 @@ def _route_condition(route: dict[str, Any] | None, kind: str) -> str | None:
     return None
 
 
+def _ready_once_traefik_has_looked(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    """Waits for iris Ready through its route.
+
+    Traefik may judge a route before its cache has the Service's EndpointSlices ("endpointslices
+    not found": seen just after Traefik starts, and on a loaded machine) and not look again until
+    the route changes. So once it has answered, a touch of the route (not a field of ours) has it
+    look again; the operator's status must then follow.
+    """
+    wait_for("Traefik's answer", lambda: _route_condition(
+        get(cluster, namespace, "httproute", "iris"), "ResolvedRefs"), timeout=90)  # fmt: skip
+    cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
+                    f"test/touched={time.time()}")  # fmt: skip
+    try:
+        return wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
+    except AssertionError as error:
+        route = get(cluster, namespace, "httproute", "iris")
+        state = (get(cluster, namespace, "md", "iris") or {}).get("status")
+        raise AssertionError(f"{error}\nstatus: {state}\nroute: {route}") from None
+
+
 def test_the_route_is_owned_accepted_by_traefik_feeds_ready_and_is_pruned(
     cluster: Cluster, namespace: str, operator: KopfRunner
 ) -> None:
@@ -57,7 +77,7 @@ def test_the_route_is_owned_accepted_by_traefik_feeds_ready_and_is_pruned(
     )
 
     apply_md(cluster, namespace, "iris", SPEC)
-    md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"))
+    md = _ready_once_traefik_has_looked(cluster, namespace)
     route = get(cluster, namespace, "httproute", "iris")
     assert route is not None
     (owner,) = route["metadata"]["ownerReferences"]
@@ -129,19 +149,7 @@ def test_the_gateway_api_installed_after_the_start_is_picked_up_without_a_restar
             timeout=90,
         )
         ingress.up(localcluster.paths(), build.binaries())  # the CRDs, Traefik and its Gateway
-        # Traefik, just started, may judge the route before its cache has the Service's
-        # EndpointSlices ("endpointslices not found") and not look again until the route changes:
-        # once it has answered, a touch of the route (not a field of ours) has it look again.
-        wait_for("Traefik's answer", lambda: _route_condition(
-            get(cluster, namespace, "httproute", "iris"), "ResolvedRefs"), timeout=90)  # fmt: skip
-        cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
-                        f"test/touched={time.time()}")  # fmt: skip
-        try:
-            md = wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
-        except AssertionError as error:
-            route = get(cluster, namespace, "httproute", "iris")
-            state = (get(cluster, namespace, "md", "iris") or {}).get("status")
-            raise AssertionError(f"{error}\nstatus: {state}\nroute: {route}") from None
+        md = _ready_once_traefik_has_looked(cluster, namespace)
         assert md["status"]["url"] == "http://iris.example.com/iris/v2/models/iris"
         assert condition(md, "Stalled").get("status") != "True"
         route = get(cluster, namespace, "httproute", "iris")
