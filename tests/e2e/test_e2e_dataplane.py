@@ -106,7 +106,21 @@ def _serve(cluster: Cluster, namespace: str, uri: str, **extra: Any) -> str:
     }
     apply_md(cluster, namespace, "iris", spec)
     wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
-    return _cluster_ip_url(cluster, namespace)
+    url = _cluster_ip_url(cluster, namespace)
+    # kube-proxy refuses a Service until its next sync after the endpoints became ready.
+    wait_for("an answer at the ClusterIP", lambda: _answer(url) is not None, timeout=15)
+    return url
+
+
+def _answer(url: str) -> Any:
+    """The model's answer for EXAMPLE at `url`, or None if the connection is refused."""
+    tensor = triton_http.InferInput("input", list(EXAMPLE.shape), "FP32")
+    tensor.set_data_from_numpy(EXAMPLE)
+    try:
+        client = triton_http.InferenceServerClient(url)
+        return client.infer("iris", [tensor]).as_numpy("probabilities")
+    except ConnectionRefusedError:
+        return None
 
 
 @contextmanager
@@ -149,10 +163,7 @@ def test_a_cluster_ip_reaches_ready_pods_and_an_unready_pod_leaves_the_endpoints
         "both pods in the ready endpoints",
         lambda: _ready_endpoints(cluster, namespace, "iris") == addresses,
     )
-    client = triton_http.InferenceServerClient(url)
-    tensor = triton_http.InferInput("input", list(EXAMPLE.shape), "FP32")
-    tensor.set_data_from_numpy(EXAMPLE)
-    probabilities = client.infer("iris", [tensor]).as_numpy("probabilities")
+    probabilities = _answer(url)
     assert probabilities is not None and probabilities.sum() == pytest.approx(1, abs=1e-3)
 
     frozen = pods[0]
