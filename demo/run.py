@@ -108,6 +108,15 @@ def _traffic(url: str, stop: threading.Event, done: list[tuple[float, float]]) -
         done.append((finished, finished - started))  # list.append is atomic
 
 
+def _routed(url: str) -> bool:
+    try:
+        return bool(
+            triton_http.InferenceServerClient(url).is_model_ready(NAME, headers={"Host": HOST})
+        )
+    except Exception:
+        return False
+
+
 def _fresh_metrics(since: float) -> dict[str, Any] | None:
     """status.metrics written after `since` (epoch seconds), else None."""
     metrics: dict[str, Any] | None = _md().get("status", {}).get("metrics")
@@ -212,6 +221,9 @@ def up(traffic_seconds: float) -> None:
     status_url = _md()["status"]["url"]
     base = status_url.removeprefix("http://").partition("/")[2].removesuffix(f"/v2/models/{NAME}")
     url = f"{ingress.url().removeprefix('http://')}/{base}"
+    # Traefik routes the Ingress once its watch has delivered it: a moment after the pods are
+    # Ready, or more on a busy machine.
+    _wait_for("Traefik routing the Ingress", lambda: _routed(url), 60)
     step(
         f"sending traffic from 8 clients to {status_url} through the ingress controller "
         f"(Traefik at {ingress.url()}, Host: {HOST}; it picks a ready pod; at least "
