@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from runtime_fixtures import (
     MLP_CLASSES,
     MLP_FEATURES,
@@ -21,35 +19,16 @@ from runtime_fixtures import (
     runtime_command,
 )
 
+import onnx_models
 from modeldeploy_contract import values
 from modeldeploy_runtime import model, settings, validation
 
 ROWS = 200
 
 
-def _linear(path: Path, weight: np.ndarray[Any, Any], output: str) -> Path:
-    """x [batch, features] @ weight: scores of a classifier, or a regressor's value."""
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], [output])],
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[0]])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", weight.shape[1]])],
-        [numpy_helper.from_array(weight.astype(np.float32), "w")],
-    )
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx_model.ir_version = 8
-    onnx.save(onnx_model, path)
-    return path
-
-
 @pytest.fixture
 def near_ties(tmp_path: Path) -> Path:
-    """A classifier whose two classes' weights differ by far less than an INT8 step: FP32 picks
-    either class about half the time, its INT8 quantization cannot tell them apart."""
-    rng = np.random.default_rng(7)
-    first = rng.normal(0, 1, MLP_FEATURES)
-    weight = np.stack([first, first + rng.normal(0, 1e-4, MLP_FEATURES)], axis=1)
-    return _linear(tmp_path / "ties.onnx", weight, "scores")
+    return onnx_models.near_ties(tmp_path / "ties.onnx", MLP_FEATURES)
 
 
 def _load(path: Path) -> model.OnnxModel:
@@ -113,7 +92,7 @@ def test_accuracy_against_expected_classes_gates_the_start(mlp_model: Path, tmp_
 
 def test_a_regressor_is_judged_within_the_tolerance(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    path = _linear(tmp_path / "reg.onnx", rng.normal(0, 1, (MLP_FEATURES, 1)), "value")
+    path = onnx_models.linear(tmp_path / "reg.onnx", rng.normal(0, 1, (MLP_FEATURES, 1)), "value")
     inputs = examples(ROWS, seed=4)
     truth = _load(path).predict({"x": inputs})[0]
     close, far = tmp_path / "close.npz", tmp_path / "far.npz"
