@@ -13,12 +13,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pydantic
 import yaml
 
-from modeldeploy_contract import flags
+from modeldeploy_contract import flags, paths
 from modeldeploy_operator import builders
 from modeldeploy_operator import spec as api
 from modeldeploy_runtime import cli as runtime
@@ -72,20 +72,13 @@ def serve(
     md_name, spec = load(path, name)
     owner = builders.Owner(name=md_name, namespace="local", uid="local")
     workdir = workdir.resolve()
-    model_dir, calibration_dir = workdir / "model", workdir / "calibration"
-    warmup_dir = workdir / "warmup"
     local = {flags.PVC_ROOT: str(pvc_root.resolve())}
-    fetches = [(spec.model.uri, spec.model.sha256, model_dir)]
-    if spec.calibration_uri:
-        fetches.append((spec.calibration_uri, None, calibration_dir))
-    if spec.runtime.warmup is not None and spec.runtime.warmup.uri:
-        fetches.append((spec.runtime.warmup.uri, spec.runtime.warmup.sha256, warmup_dir))
-    for uri, sha256, dest in fetches:
-        if _runtime(flags.FETCH, builders.fetch_settings(uri, sha256, str(dest)), local) != 0:
-            raise ServeError("fetching the model failed; it is not served")
-    settings = builders.serve_settings(
-        owner, spec, str(model_dir), str(calibration_dir), str(warmup_dir)
-    )
+    # The pods' folders under /models, under the work folder here.
+    for uri, sha256, folder in builders.artifacts(spec):
+        dest = str(workdir / PurePosixPath(folder).relative_to(paths.MODELS_DIR))
+        if _runtime(flags.FETCH, builders.fetch_settings(uri, sha256, dest), local) != 0:
+            raise ServeError(f"fetching {uri} failed; the model is not served")
+    settings = builders.serve_settings(owner, spec, str(workdir))
     settings |= {flags.HTTP_PORT: str(http_port), flags.GRPC_PORT: str(grpc_port)}
     local |= {flags.HOST: host, flags.CACHE_DIR: str(workdir / "cache")}
     print(

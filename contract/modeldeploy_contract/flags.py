@@ -28,6 +28,10 @@ QUANTIZATION = "quantization"
 CALIBRATION_PATH = "calibration_path"
 WARMUP_PATH = "warmup_path"
 WARMUP_SHAPES = "warmup_shapes"
+VALIDATION_PATH = "validation_path"
+MIN_AGREEMENT = "min_agreement"
+MIN_ACCURACY = "min_accuracy"
+VALIDATION_TOLERANCE = "validation_tolerance"
 MAX_BATCH_SIZE = "max_batch_size"
 MAX_BATCH_DELAY_MS = "max_batch_delay_ms"
 MAX_QUEUE_SIZE = "max_queue_size"
@@ -59,6 +63,10 @@ SERVE_FLAGS = (
     CALIBRATION_PATH,
     WARMUP_PATH,
     WARMUP_SHAPES,
+    VALIDATION_PATH,
+    MIN_AGREEMENT,
+    MIN_ACCURACY,
+    VALIDATION_TOLERANCE,
     MAX_BATCH_SIZE,
     MAX_BATCH_DELAY_MS,
     MAX_QUEUE_SIZE,

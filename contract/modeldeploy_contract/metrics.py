@@ -14,6 +14,7 @@ INFERENCE_DURATION = "modeldeploy_inference_duration_seconds"
 INFLIGHT = "modeldeploy_inflight_requests"
 MODEL_INFO = "modeldeploy_model_info"
 QUANTIZATION_TOP1_AGREEMENT = "modeldeploy_quantization_top1_agreement"
+VALIDATION = "modeldeploy_validation"
 QUANTIZATION_MAX_ABS_ERROR = "modeldeploy_quantization_max_abs_error"
 
 # Labels every series carries, and the outcomes of modeldeploy_requests.

@@ -17,6 +17,7 @@ MODELS_DIR = "/models"
 MODEL_DIR = f"{MODELS_DIR}/model"
 CALIBRATION_DIR = f"{MODELS_DIR}/calibration"
 WARMUP_DIR = f"{MODELS_DIR}/warmup"
+VALIDATION_DIR = f"{MODELS_DIR}/validation"
 TMP_DIR = "/tmp"
 # Where a quantized model is cached when the model's own folder is read-only.
 CACHE_DIR = f"{TMP_DIR}/modeldeploy-cache"

@@ -30,3 +30,8 @@ FINISH_SECONDS = 15
 # The runtime's exit status when the warm-up the user asked for (spec.runtime.warmup) fails;
 # the operator reports it as the Stalled reason WarmupFailed.
 EXIT_WARMUP_FAILED = 3
+# The runtime's exit status when the model fails its accuracy gate (spec.validation): the
+# operator reports it as the Stalled reason ValidationFailed, with the runtime's one line.
+EXIT_VALIDATION_FAILED = 4
+# Relative and absolute tolerance within which a regressor's output agrees (spec.validation).
+VALIDATION_TOLERANCE = 0.01

@@ -164,18 +164,18 @@ def fetch_settings(
 
 
 def serve_settings(
-    owner: Owner,
-    spec: api.ModelDeploymentSpec,
-    model_dir: str,
-    calibration_dir: str,
-    warmup_dir: str = paths.WARMUP_DIR,
+    owner: Owner, spec: api.ModelDeploymentSpec, models_dir: str = paths.MODELS_DIR
 ) -> dict[str, str]:
     """The runtime settings of `modeldeploy-runtime serve` for a spec whose artifacts were
-    fetched into `model_dir`, `calibration_dir` and `warmup_dir`. Pods get them as flags;
-    `modeldeploy serve` passes them to the runtime the same way."""
+    fetched under `models_dir`, each into its folder (`artifacts`). Pods get them as flags;
+    `modeldeploy serve` passes them to the runtime the same way, with its work folder."""
+
+    def fetched(directory: str, uri: str) -> str:
+        return paths.artifact_path(models_dir + directory.removeprefix(paths.MODELS_DIR), uri)
+
     runtime = spec.runtime
     settings = {
-        flags.MODEL_PATH: paths.artifact_path(model_dir, spec.model.uri),
+        flags.MODEL_PATH: fetched(paths.MODEL_DIR, spec.model.uri),
         flags.MODEL_NAME: model_name(owner, spec),
         flags.QUANTIZATION: spec.quantization,
         flags.MAX_BATCH_SIZE: str(runtime.max_batch_size),
@@ -200,14 +200,19 @@ def serve_settings(
     if prefix := path_prefix(spec):
         settings[flags.PATH_PREFIX] = prefix
     if spec.calibration_uri:
-        settings[flags.CALIBRATION_PATH] = paths.artifact_path(
-            calibration_dir, spec.calibration_uri
-        )
+        settings[flags.CALIBRATION_PATH] = fetched(paths.CALIBRATION_DIR, spec.calibration_uri)
     if warmup := runtime.warmup:
         if warmup.uri:
-            settings[flags.WARMUP_PATH] = paths.artifact_path(warmup_dir, warmup.uri)
+            settings[flags.WARMUP_PATH] = fetched(paths.WARMUP_DIR, warmup.uri)
         if warmup.shapes is not None:
             settings[flags.WARMUP_SHAPES] = json.dumps(warmup.shapes, separators=(",", ":"))
+    if gate := spec.validation:
+        settings[flags.VALIDATION_PATH] = fetched(paths.VALIDATION_DIR, gate.uri)
+        if gate.min_agreement is not None:
+            settings[flags.MIN_AGREEMENT] = str(gate.min_agreement)
+        if gate.min_accuracy is not None:
+            settings[flags.MIN_ACCURACY] = str(gate.min_accuracy)
+        settings[flags.VALIDATION_TOLERANCE] = str(gate.tolerance)
     return settings
 
 
@@ -260,17 +265,20 @@ def _container(name: str, image: str, command: str, settings: dict[str, str]) ->
 
 
 def _uris(spec: api.ModelDeploymentSpec) -> list[str]:
-    return [uri for uri, _, _ in _artifacts(spec)]
+    return [uri for uri, _, _ in artifacts(spec)]
 
 
-def _artifacts(spec: api.ModelDeploymentSpec) -> list[tuple[str, str | None, str]]:
-    """Every file a pod fetches before serving: URI, expected sha256, directory."""
+def artifacts(spec: api.ModelDeploymentSpec) -> list[tuple[str, str | None, str]]:
+    """Every file a pod fetches before serving: URI, expected sha256, folder (under
+    paths.MODELS_DIR)."""
     artifacts = [(spec.model.uri, spec.model.sha256, paths.MODEL_DIR)]
     if spec.calibration_uri:
         artifacts.append((spec.calibration_uri, spec.calibration_sha256, paths.CALIBRATION_DIR))
     warmup = spec.runtime.warmup
     if warmup is not None and warmup.uri:
         artifacts.append((warmup.uri, warmup.sha256, paths.WARMUP_DIR))
+    if spec.validation is not None:
+        artifacts.append((spec.validation.uri, spec.validation.sha256, paths.VALIDATION_DIR))
     return artifacts
 
 
@@ -280,8 +288,9 @@ def _init_containers(spec: api.ModelDeploymentSpec, image: str) -> list[api.Obje
         paths.MODEL_DIR: "fetch-model",
         paths.CALIBRATION_DIR: "fetch-calibration",
         paths.WARMUP_DIR: "fetch-warmup",
+        paths.VALIDATION_DIR: "fetch-validation",
     }
-    fetches = [(names[dest], uri, sha256, dest) for uri, sha256, dest in _artifacts(spec)]
+    fetches = [(names[dest], uri, sha256, dest) for uri, sha256, dest in artifacts(spec)]
     _, pvc_mounts = _pvc_mounts(_uris(spec))
     work_mounts = [
         {"name": "models", "mountPath": paths.MODELS_DIR},
@@ -325,7 +334,7 @@ def _resources(spec: api.ModelDeploymentSpec) -> api.Object:
 
 
 def _serving_container(owner: Owner, spec: api.ModelDeploymentSpec, image: str) -> api.Object:
-    settings = serve_settings(owner, spec, paths.MODEL_DIR, paths.CALIBRATION_DIR)
+    settings = serve_settings(owner, spec)
     serve = _container("runtime", image, flags.SERVE, settings) | {
         "ports": [
             {"name": "http", "containerPort": paths.HTTP_PORT, "protocol": "TCP"},

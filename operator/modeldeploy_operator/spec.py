@@ -55,6 +55,7 @@ FP16_ON_CPU = (
 BATCH_SIZES_MESSAGE = "the largest of batchSizes must equal maxBatchSize, and none exceed it"
 WARMUP_ONE_OF = "warmup takes shapes or uri (sample inputs), exactly one of them"
 WARMUP_SHA256 = "warmup.sha256 checks the file at warmup.uri, which is not given"
+VALIDATION_FLOOR = "validation needs a floor: minAgreement, minAccuracy or both"
 GATEWAY_AND_INGRESS = (
     "gateway and ingress are mutually exclusive: serve the model through an HTTPRoute or an "
     "Ingress, not both"
@@ -335,6 +336,58 @@ class RuntimeSettings(_Model):
         return self
 
 
+class Validation(_Model):
+    """An accuracy gate: before a pod is Ready, the runtime measures the model it is about to
+    serve on sample inputs; below a floor the pod never is, and the ModelDeployment is Stalled
+    (ValidationFailed) with the figure and the floor."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel("has(self.minAgreement) || has(self.minAccuracy)", VALIDATION_FLOOR)
+        )
+    )
+
+    uri: str = Field(
+        max_length=_URI_MAX_LENGTH,
+        description="Sample inputs (.npz: one array per input, samples on axis 0) and, for "
+        "minAccuracy, the outputs expected for them as arrays named expected.<output> (class "
+        "indices for an output of scores, values otherwise); same schemes as model.uri.",
+        json_schema_extra=_validations(_cel(f"self.matches('{_URI_PATTERN}')", _URI_MESSAGE)),
+    )
+    sha256: str | None = _sha256_field(
+        "Expected SHA-256 of the samples; a mismatch means the model is never served."
+    )
+    min_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Floor of the quantized model's agreement with the unquantized one on the "
+        "samples: the same top-1 class for an output of scores, values within tolerance "
+        "otherwise. Not measured without quantization.",
+    )
+    min_accuracy: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Floor of the served model's accuracy against the expected outputs.",
+    )
+    tolerance: float = Field(
+        default=values.VALIDATION_TOLERANCE,
+        gt=0,
+        le=1000,
+        description="Relative and absolute tolerance within which values agree.",
+    )
+
+    _uri = field_validator("uri")(_check_uri)
+    _sha256 = field_validator("sha256")(_check_sha256)
+
+    @model_validator(mode="after")
+    def _floor(self) -> Validation:
+        if self.min_agreement is None and self.min_accuracy is None:
+            raise ValueError(VALIDATION_FLOOR)
+        return self
+
+
 class Autoscaling(_Model):
     """A HorizontalPodAutoscaler owns the replica count."""
 
@@ -534,6 +587,10 @@ class ModelDeploymentSpec(_Model):
     )
     runtime: RuntimeSettings = Field(
         default=RuntimeSettings(), description="Runtime image and batching settings."
+    )
+    validation: Validation | None = Field(
+        default=None,
+        description="An accuracy gate the model must pass before its pods are Ready.",
     )
     replicas: int | None = Field(
         default=None,

@@ -251,11 +251,16 @@ def _pod_failure(pods: list[api.Object], deployment: api.Object) -> Verdict | No
                     if terminated.get("reason") == "OOMKilled":
                         return _oom_killed(deployment, container, terminated)
                     detail = terminated.get("message") or terminated.get("reason", "error")
-                    warmup = terminated["exitCode"] == values.EXIT_WARMUP_FAILED
+                    serving_reasons = {
+                        values.EXIT_WARMUP_FAILED: "WarmupFailed",
+                        values.EXIT_VALIDATION_FAILED: "ValidationFailed",
+                    }
+                    if reason == "ModelLoadFailed":
+                        reason = serving_reasons.get(terminated["exitCode"], reason)
                     return Verdict(
                         False,
                         True,
-                        "WarmupFailed" if warmup and reason == "ModelLoadFailed" else reason,
+                        reason,
                         f"{container['name']} exited with {terminated['exitCode']}: "
                         f"{detail.strip()}",
                     )

@@ -80,6 +80,27 @@ def _parser() -> argparse.ArgumentParser:
         help='input shapes to warm up with zeros, e.g. {"x": [1, 3, 224, 224]}',
     )
     run.add_argument(
+        flags.flag(flags.VALIDATION_PATH),
+        metavar="V",
+        help=".npz of sample inputs (and expected.<output> arrays) the model must pass before "
+        "it is ready",
+    )
+    run.add_argument(
+        flags.flag(flags.MIN_AGREEMENT),
+        type=float,
+        help="floor of the quantized model's agreement with the unquantized one (0..1)",
+    )
+    run.add_argument(
+        flags.flag(flags.MIN_ACCURACY),
+        type=float,
+        help="floor of the accuracy against the expected outputs (0..1)",
+    )
+    run.add_argument(
+        flags.flag(flags.VALIDATION_TOLERANCE),
+        type=float,
+        help="relative and absolute tolerance of values (default 0.01)",
+    )
+    run.add_argument(
         flags.flag(flags.MAX_BATCH_SIZE),
         type=int,
         help="examples per batch (default 32); 0 = never merge requests",
@@ -186,7 +207,7 @@ def _serve(config: settings.ServeSettings) -> int:
         for stale in directory.glob("*.db"):
             stale.unlink()
         os.environ[settings.METRICS_DIR_ENV] = str(directory)
-    from modeldeploy_runtime import server
+    from modeldeploy_runtime import server, validation
 
     logger.info("serving on %s with %d front-end process(es)", device, workers)
     try:
@@ -196,6 +217,10 @@ def _serve(config: settings.ServeSettings) -> int:
         logger.error("%s", error)
         _last_words(error)
         return values.EXIT_WARMUP_FAILED
+    except validation.ValidationError as error:
+        logger.error("%s", error)
+        _last_words(error)
+        return values.EXIT_VALIDATION_FAILED
     except Exception as error:
         logger.exception("the runtime failed")
         _last_words(f"the runtime failed: {type(error).__name__}: {error}")

@@ -22,9 +22,13 @@ These names and labels are a contract: the operator summarises them into
     What is served: ``quantization`` is ``none``, ``dynamic-int8``, ``static-int8`` or ``fp16``;
     ``device`` is ``cpu`` or ``cuda``.
 ``modeldeploy_quantization_top1_agreement{model}`` (gauge, 0..1; quantized models only)
-    Share of sample inputs whose arg-max of the first output agrees with FP32.
+    Share of sample inputs whose first output agrees with FP32: the same arg-max for scores,
+    values within the tolerance otherwise.
 ``modeldeploy_quantization_max_abs_error{model}`` (gauge; quantized models only)
     Largest absolute difference of the first output against FP32 on those samples.
+``modeldeploy_validation{model, figure}`` (gauge, 0..1; with ``spec.validation`` only)
+    The accuracy gate's figures on its samples: ``figure`` is ``agreement`` (with the
+    unquantized model) or ``accuracy`` (against the expected outputs).
 
 With several front-end processes (``--workers``), every process records into
 prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the server
@@ -132,6 +136,14 @@ class ModelMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._validation = prom.Gauge(
+            names.VALIDATION,
+            "The accuracy gate's figures (spec.validation) on its samples: agreement with the "
+            "unquantized model, accuracy against the expected outputs.",
+            ["model", "figure"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._model = model_name
         # Children resolved once: label lookups are measurable on the hot path.
         self._request_counters = {
@@ -151,6 +163,9 @@ class ModelMetrics:
     def set_quantization_accuracy(self, top1_agreement: float, max_abs_error: float) -> None:
         self._top1.labels(self._model).set(top1_agreement)
         self._max_abs_error.labels(self._model).set(max_abs_error)
+
+    def set_validation(self, figure: str, value: float) -> None:
+        self._validation.labels(self._model, figure).set(value)
 
     def exposition(self) -> bytes:
         if settings.METRICS_DIR_ENV in os.environ:

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime import quantization as ortq
 from onnxruntime.transformers import float16
 
+from modeldeploy_contract import values
 from modeldeploy_runtime import model, settings, tensors
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ _MAX_COMPARED = 256
 
 @dataclasses.dataclass(frozen=True)
 class Accuracy:
+    # The share of samples whose first output agrees (`agrees`): top-1 for a classifier.
     top1_agreement: float
     max_abs_error: float
     samples: int
@@ -125,19 +127,25 @@ def load_samples(path: Path, inputs: tuple[model.TensorSpec, ...]) -> dict[str, 
     """Sample inputs from an ``.npz`` keyed by input name (or one array for one input)."""
     with np.load(path) as archive:
         arrays = {key: archive[key] for key in archive.files}
+    return select_inputs(arrays, inputs, f"calibration file {path}")
+
+
+def select_inputs(
+    arrays: dict[str, model.Array], inputs: tuple[model.TensorSpec, ...], source: str
+) -> dict[str, model.Array]:
+    """The model's inputs among `arrays` (one array serves a one-input model whatever its
+    name), in the inputs' types, with at least one sample."""
     names = [spec.name for spec in inputs]
     if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}
     missing = sorted(set(names) - arrays.keys())
     if missing:
-        raise ValueError(
-            f"calibration file {path} lacks inputs {missing}; it has arrays {sorted(arrays)}"
-        )
+        raise ValueError(f"{source} lacks inputs {missing}; it has arrays {sorted(arrays)}")
     samples = {
         spec.name: arrays[spec.name].astype(model.DATATYPES[spec.datatype]) for spec in inputs
     }
     if _rows(samples) == 0:
-        raise ValueError(f"calibration file {path} holds no samples")
+        raise ValueError(f"{source} holds no samples")
     return samples
 
 
@@ -170,16 +178,36 @@ def random_samples(
 
 
 def compare(
-    reference: model.OnnxModel, quantized: model.OnnxModel, samples: dict[str, model.Array]
+    reference: model.OnnxModel,
+    quantized: model.OnnxModel,
+    samples: dict[str, model.Array],
+    tolerance: float = values.VALIDATION_TOLERANCE,
+    limit: int | None = _MAX_COMPARED,
 ) -> Accuracy:
-    """Top-1 agreement and largest absolute error of the first output, one example at a time."""
-    rows = min(_rows(samples), _MAX_COMPARED)
+    """Agreement (`agrees`) and largest absolute error of the first output, one example at a
+    time, on the first `limit` samples (all of them for None)."""
+    rows = _rows(samples) if limit is None else min(_rows(samples), limit)
     agree = 0
     max_error = 0.0
     for i in range(rows):
         row = {name: array[i : i + 1] for name, array in samples.items()}
-        expected = reference.predict(row)[0].astype(np.float64)
-        actual = quantized.predict(row)[0].astype(np.float64)
-        max_error = max(max_error, float(np.max(np.abs(expected - actual), initial=0.0)))
-        agree += bool(np.array_equal(np.argmax(expected, axis=-1), np.argmax(actual, axis=-1)))
+        expected = reference.predict(row)[0]
+        actual = quantized.predict(row)[0]
+        if np.issubdtype(actual.dtype, np.number) and expected.shape == actual.shape:
+            difference = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
+            max_error = max(max_error, float(np.max(difference, initial=0.0)))
+        agree += agrees(expected, actual, tolerance)
     return Accuracy(agree / rows, max_error, rows)
+
+
+def agrees(reference: model.Array, actual: model.Array, tolerance: float) -> bool:
+    """Whether one example's output agrees with the reference: the same top-1 class when it
+    holds scores (floats along a last axis of two or more), else the same values, floats
+    within `tolerance` (relative and absolute)."""
+    if reference.shape != actual.shape:
+        return False
+    if not np.issubdtype(actual.dtype, np.floating):
+        return bool(np.array_equal(reference, actual))
+    if actual.ndim >= 2 and actual.shape[-1] >= 2:
+        return bool(np.array_equal(np.argmax(reference, axis=-1), np.argmax(actual, axis=-1)))
+    return bool(np.allclose(actual, reference, rtol=tolerance, atol=tolerance))

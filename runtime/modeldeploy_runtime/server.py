@@ -34,6 +34,7 @@ from modeldeploy_runtime import (
     quantization,
     runner,
     settings,
+    validation,
     worker,
 )
 
@@ -47,6 +48,7 @@ def load(config: settings.ServeSettings, stats: metrics.ModelMetrics) -> model.O
         raise FileNotFoundError(f"model file {path} does not exist")
     session_config = model.SessionConfig.of(config)
     sizes = config.sizes_for(model.resolve_device(config.device))
+    reference = None
     if config.quantization is settings.Quantization.NONE:
         served = model.OnnxModel(path, session_config)
         served.load(sizes)
@@ -62,23 +64,51 @@ def load(config: settings.ServeSettings, stats: metrics.ModelMetrics) -> model.O
         quantized = quantization.quantize(path, config.quantization, calibration, config.cache_dir)
         served = model.OnnxModel(quantized, session_config)
         served.load(sizes)
-        if samples is None:
-            logger.warning(
-                "%s: agreement with FP32 not measured: %s", config.quantization.value, unmeasured
-            )
-        else:
-            accuracy = quantization.compare(reference, served, samples)
-            logger.info(
-                "%s vs FP32 on %d samples: top-1 agreement %.4f, max abs error %.6g",
-                config.quantization.value,
-                accuracy.samples,
-                accuracy.top1_agreement,
-                accuracy.max_abs_error,
-            )
-            stats.set_quantization_accuracy(accuracy.top1_agreement, accuracy.max_abs_error)
+        # With the accuracy gate's samples, the agreement is measured on those (below).
+        if config.validation_path is None:
+            _measure_agreement(config, reference, served, samples, unmeasured, stats)
+    if config.validation_path is not None:
+        report = validation.check(
+            config.validation_path,
+            served,
+            reference,
+            min_agreement=config.min_agreement,
+            min_accuracy=config.min_accuracy,
+            tolerance=config.validation_tolerance,
+        )
+        for figure, value in (("agreement", report.agreement), ("accuracy", report.accuracy)):
+            if value is not None:
+                stats.set_validation(figure, value)
+    if reference is not None:
         reference.unload()
     stats.set_model_info(config.model_version, config.quantization.value, served.device_used)
     return served
+
+
+def _measure_agreement(
+    config: settings.ServeSettings,
+    reference: model.OnnxModel,
+    served: model.OnnxModel,
+    samples: dict[str, model.Array] | None,
+    unmeasured: str,
+    stats: metrics.ModelMetrics,
+) -> None:
+    """Logs and exports the quantized model's agreement with FP32 on the calibration or
+    stand-in samples; only logs why when there are none."""
+    if samples is None:
+        logger.warning(
+            "%s: agreement with FP32 not measured: %s", config.quantization.value, unmeasured
+        )
+        return
+    accuracy = quantization.compare(reference, served, samples, config.validation_tolerance)
+    logger.info(
+        "%s vs FP32 on %d samples: agreement %.4f, max abs error %.6g",
+        config.quantization.value,
+        accuracy.samples,
+        accuracy.top1_agreement,
+        accuracy.max_abs_error,
+    )
+    stats.set_quantization_accuracy(accuracy.top1_agreement, accuracy.max_abs_error)
 
 
 def _warm_up(

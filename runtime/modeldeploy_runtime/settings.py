@@ -100,6 +100,12 @@ class ServeSettings(BaseSettings):
     # them the model's own dims, when all are known.  Never invented (README: warm-up).
     warmup_path: Path | None = None
     warmup_shapes: Annotated[dict[str, tuple[int, ...]] | None, NoDecode] = None
+    # The accuracy gate (validation.py): samples (.npz), and the floors the served model must
+    # reach on them before the pod is ever Ready.
+    validation_path: Path | None = None
+    min_agreement: float | None = pydantic.Field(default=None, ge=0, le=1)
+    min_accuracy: float | None = pydantic.Field(default=None, ge=0, le=1)
+    validation_tolerance: float = pydantic.Field(default=values.VALIDATION_TOLERANCE, gt=0)
     max_batch_delay_ms: float = pydantic.Field(default=values.MAX_BATCH_DELAY_MS, ge=0)
     max_queue_size: int = pydantic.Field(default=values.MAX_QUEUE_SIZE, ge=1)
     # Bytes of queued request tensors; beyond it requests get 429 / RESOURCE_EXHAUSTED.
@@ -180,6 +186,9 @@ class ServeSettings(BaseSettings):
             raise ValueError("quantization static-int8 needs calibration_path (.npz of inputs)")
         if self.warmup_path is not None and self.warmup_shapes is not None:
             raise ValueError("give warmup_path or warmup_shapes, not both")
+        floors = self.min_agreement is not None or self.min_accuracy is not None
+        if floors and self.validation_path is None:
+            raise ValueError("min_agreement and min_accuracy need validation_path (.npz samples)")
         if self.batch_sizes is not None and self.batch_sizes[-1] != self.max_batch_size:
             raise ValueError(
                 f"the largest of batch_sizes {list(self.batch_sizes)} must equal "

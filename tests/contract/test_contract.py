@@ -203,7 +203,7 @@ def test_awkward_uris_land_where_the_server_looks(
     uri = f"{base}/{path}{query}"
     spec = api.ModelDeploymentSpec.model_validate({"model": {"uri": uri}})
     model_dir = tmp_path / "model"
-    settings = builders.serve_settings(OWNER, spec, str(model_dir), str(tmp_path / "calibration"))
+    settings = builders.serve_settings(OWNER, spec, str(tmp_path))
     written = fetch.fetch(uri, model_dir, None, pvc_root=tmp_path)
     assert written == Path(settings[flags.MODEL_PATH])
     assert written.read_bytes() == b"onnx bytes"
@@ -245,6 +245,6 @@ def test_every_flag_the_builders_emit_is_a_runtime_flag() -> None:
         _, serving = _containers(SPECS[case])
         emitted = [arg for arg in serving["args"] if arg.startswith("--")]
         spec = api.ModelDeploymentSpec.model_validate(SPECS[case])
-        settings = builders.serve_settings(OWNER, spec, "/m", "/c")
+        settings = builders.serve_settings(OWNER, spec)
         assert emitted == [flags.flag(f) for f in settings]
         assert set(emitted) <= set(map(flags.flag, flags.SERVE_FLAGS))

@@ -69,6 +69,16 @@ MODEL = {"uri": "s3://models/iris/3/model.onnx"}
             "spec.ingress.path",
             "should match",
         ),
+        (
+            {"model": MODEL, "validation": {"uri": "s3://m/v.npz"}},
+            "spec.validation",
+            "validation needs a floor",
+        ),
+        (
+            {"model": MODEL, "validation": {"uri": "s3://m/v.npz", "minAgreement": 2}},
+            "spec.validation.minAgreement",
+            "less than or equal to 1",
+        ),
     ],
 )
 def test_invalid_spec_is_rejected_naming_the_field(

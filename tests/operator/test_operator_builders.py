@@ -117,6 +117,20 @@ class TestDeployment:
         assert _arg(fetch_warmup["args"], "--dest") == "/models/warmup"
         assert _arg(pod["containers"][0]["args"], "--warmup-path") == "/models/warmup/warm.npz"
 
+    def test_the_accuracy_gate_fetches_its_samples_and_gives_the_runtime_its_floors(self) -> None:
+        gate = {"uri": "https://h/v.npz", "sha256": "D" * 64, "minAccuracy": 0.9}
+        spec = _spec(quantization="dynamic-int8", validation=gate)
+        pod = _pod(spec)["spec"]
+        assert [c["name"] for c in pod["initContainers"]] == ["fetch-model", "fetch-validation"]
+        fetch = pod["initContainers"][1]
+        assert _arg(fetch["args"], "--sha256") == "d" * 64
+        assert _arg(fetch["args"], "--dest") == "/models/validation"
+        args = pod["containers"][0]["args"]
+        assert _arg(args, "--validation-path") == "/models/validation/v.npz"
+        assert _arg(args, "--min-accuracy") == "0.9"
+        assert _arg(args, "--validation-tolerance") == "0.01"
+        assert "--min-agreement" not in args
+
     def test_warmup_shapes_and_max_batch_size_0_reach_the_runtime(self) -> None:
         spec = _spec(runtime={"maxBatchSize": 0, "warmup": {"shapes": {"x": [1, 3], "s": []}}})
         args = _pod(spec)["spec"]["containers"][0]["args"]

@@ -124,6 +124,19 @@ def test_fp16_on_a_gpu_and_batch_sizes_ending_at_the_max_are_accepted() -> None:
     assert spec.runtime.cudnn_conv_algo_search == "EXHAUSTIVE"
 
 
+def test_an_accuracy_gate_needs_a_floor_between_0_and_1() -> None:
+    gate = _spec(validation={"uri": "s3://b/v.npz", "sha256": SHA, "minAgreement": 0.95})
+    assert gate.validation is not None
+    assert (gate.validation.min_agreement, gate.validation.min_accuracy) == (0.95, None)
+    assert gate.validation.tolerance == 0.01
+    with pytest.raises(ValueError, match="validation needs a floor"):
+        _spec(validation={"uri": "s3://b/v.npz"})
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        _spec(validation={"uri": "s3://b/v.npz", "minAccuracy": 1.5})
+    with pytest.raises(ValueError, match="uri"):
+        _spec(validation={"uri": "ftp://b/v.npz", "minAccuracy": 0.5})
+
+
 def test_warmup_takes_shapes_or_sample_inputs_and_max_batch_size_0_is_allowed() -> None:
     shapes = _spec(runtime={"maxBatchSize": 0, "warmup": {"shapes": {"x": [1, 3, 8, 8]}}})
     assert shapes.runtime.max_batch_size == 0

@@ -148,6 +148,31 @@ def test_an_oom_killed_container_stalls_naming_its_limit_and_last_state() -> Non
     )
 
 
+def test_a_model_below_its_accuracy_gate_stalls_with_the_figure_and_the_floor() -> None:
+    line = (
+        "validation failed on 200 samples: agreement with the unquantized model 0.4850 is "
+        "below minAgreement 0.95"
+    )
+    failing = _pod(
+        containerStatuses=[
+            {
+                "name": "runtime",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {"exitCode": values.EXIT_VALIDATION_FAILED, "message": line}
+                },
+            }
+        ]
+    )
+    conditions = _conditions(_compute(deployment=_deployment(ready=0), pods=[failing]))
+    assert (conditions["Stalled"].status, conditions["Stalled"].reason) == (
+        "True",
+        "ValidationFailed",
+    )
+    assert conditions["Stalled"].message == f"runtime exited with 4: {line}"
+    assert conditions["Ready"].status == "False"
+
+
 def test_a_failed_warm_up_the_user_asked_for_stalls_with_its_own_reason() -> None:
     failing = _pod(
         containerStatuses=[

@@ -151,7 +151,7 @@ def test_served_quantized_model_exports_accuracy_and_reuses_its_cache(
     assert metric_value(text, "modeldeploy_quantization_max_abs_error", model="heavy") < 0.1
     assert metric_value(text, "modeldeploy_model_info", quantization="static-int8") == 1
     assert "quantizing" in caplog.text
-    assert "top-1 agreement" in caplog.text
+    assert "static-int8 vs FP32 on" in caplog.text and "agreement" in caplog.text
 
     caplog.clear()
     with running_server(**options):
@@ -225,5 +225,5 @@ def test_quantized_model_with_unknown_dims_serves_without_invented_samples(
         assert "agreement with FP32 not measured" in caplog.text
         assert "input x [-1, 3, -1, -1] has unknown dims" in caplog.text
     else:
-        assert "top-1 agreement" in caplog.text
+        assert "vs FP32 on 64 samples: agreement" in caplog.text
         assert metric_value(text, "modeldeploy_quantization_top1_agreement", model="conv") > 0
