@@ -36,7 +36,10 @@ tools:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
+# The cluster's binaries are built first (nothing to do when cached): a cold build takes longer
+# than any one test may (pytest-timeout), and the first test to use the cluster would pay it.
 test: lint tools
+	$(BIN)/modeldeploy-dev cluster build
 	$(BIN)/pytest
 
 demo: venv tools
