@@ -85,21 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         help=".npz of sample inputs (and expected.<output> arrays) the model must pass before "
         "it is ready",
     )
-    run.add_argument(
-        flags.flag(flags.MIN_AGREEMENT),
-        type=float,
-        help="floor of the quantized model's agreement with the unquantized one (0..1)",
-    )
-    run.add_argument(
-        flags.flag(flags.MIN_ACCURACY),
-        type=float,
-        help="floor of the accuracy against the expected outputs (0..1)",
-    )
-    run.add_argument(
-        flags.flag(flags.VALIDATION_TOLERANCE),
-        type=float,
-        help="relative and absolute tolerance of values (default 0.01)",
-    )
+    for field, meaning in (
+        (flags.MIN_AGREEMENT, "floor of the quantized model's agreement with the unquantized one"),
+        (flags.MIN_ACCURACY, "floor of the accuracy against the expected outputs (0..1)"),
+        (flags.VALIDATION_TOLERANCE, "relative and absolute tolerance of values (default 0.01)"),
+    ):
+        run.add_argument(flags.flag(field), type=float, help=meaning)
     run.add_argument(
         flags.flag(flags.MAX_BATCH_SIZE),
         type=int,
