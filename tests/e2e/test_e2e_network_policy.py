@@ -9,6 +9,7 @@ request is made inside one with `kubectl exec`.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
 from chart_helm import CHART, helm, set_flags
+from modeldeploy_dev import cluster as localcluster
 from modeldeploy_dev import images as localimages
 from operator_helpers import apply_md, get, ready_md, wait_for
 from support import Cluster
@@ -156,6 +158,13 @@ def _all_answered(outcomes: list[str]) -> bool:
 def _all_refused(outcomes: list[str]) -> bool:
     # kube-router rejects (ICMP port unreachable) what no policy admits.
     return all(o == "error ConnectionRefusedError" for o in outcomes)
+
+
+def test_the_enforcer_listens_on_no_address(cluster: Cluster) -> None:
+    """kube-router's health and metrics servers would listen on every address: both are off."""
+    pid = localcluster.paths().pid("kube-router").read_text().strip()
+    listening = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True)
+    assert f"pid={pid}," not in listening.stdout, listening.stdout
 
 
 def test_allow_from_admits_the_named_namespace_and_refuses_another(
