@@ -24,11 +24,13 @@ lint: venv
 
 # System tools the tests use that no Python or Go registry provides, from Debian's packages:
 # Lua for the Argo CD health check, Prometheus for the metrics end-to-end test, wrk for the
-# benchmarks and their smoke tests, ip, nft and iptables for the local cluster's pod network and
-# its kubelet; buildah, mmdebstrap and runc to build the images from the Dockerfile and run them,
-# busybox-static for the pod sandbox image (`modeldeploy-dev images`).
-DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk ip:iproute2 nft:nftables iptables:iptables \
-	buildah:buildah mmdebstrap:mmdebstrap runc:runc busybox:busybox-static
+# benchmarks and their smoke tests, ip and nft for the local cluster's pod network; buildah,
+# mmdebstrap and runc to build the images from the Dockerfile and run them, busybox-static for the
+# pod sandbox image (`modeldeploy-dev images`); iptables for the kubelet's chains, iptables and
+# ipset for kube-router, the real node's NetworkPolicy enforcer.
+DEBIAN_TOOLS := lua5.4:lua5.4 prometheus:prometheus wrk:wrk ip:iproute2 nft:nftables \
+	buildah:buildah mmdebstrap:mmdebstrap runc:runc busybox:busybox-static \
+	iptables:iptables ipset:ipset
 tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \

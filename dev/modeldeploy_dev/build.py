@@ -37,6 +37,10 @@ REGISTRY_VERSION = "v3.1.2"  # github.com/distribution/distribution/v3: the loca
 CONTAINERD_VERSION = "v2.4.2"
 CNI_PLUGINS_VERSION = "v1.10.0"
 CRI_TOOLS_VERSION = "v1.34.0"  # crictl: the node's pods removed through CRI at teardown
+# NetworkPolicy on the node: kube-router's network policy controller alone (iptables + ipset).
+# The newest v2 the Go module proxy serves; its published advisory (GHSA-phqm-jgc3-qf8g) is in
+# the service proxy, which is not run here.
+KUBE_ROUTER_VERSION = "v2.1.0"
 _CNI_PLUGINS = ("main/bridge", "main/loopback", "ipam/host-local", "meta/portmap")
 
 _VERSION_PACKAGES = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
@@ -335,3 +339,20 @@ def build_node() -> NodeBinaries:
     crictl = f"sigs.k8s.io/cri-tools/cmd/crictl@{CRI_TOOLS_VERSION}"
     _build_into(wanted.crictl.parent, [(f"crictl {CRI_TOOLS_VERSION}", ["install", crictl], None)])
     return wanted
+
+
+def kube_router_binary() -> Path:
+    return cache_dir() / "bin" / f"kube-router-{KUBE_ROUTER_VERSION}" / "kube-router"
+
+
+def build_kube_router() -> Path:
+    """kube-router, built once (the node's NetworkPolicy enforcer, `netpol`)."""
+    binary = kube_router_binary()
+    version = "github.com/cloudnativelabs/kube-router/v2/pkg/version"
+    ldflags = f"-s -w -X {version}.Version={KUBE_ROUTER_VERSION} -X {version}.BuildDate=1970-01-01"
+    package = f"github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@{KUBE_ROUTER_VERSION}"
+    _build_into(
+        binary.parent,
+        [(f"kube-router {KUBE_ROUTER_VERSION}", ["install", "-ldflags", ldflags, package], None)],
+    )
+    return binary

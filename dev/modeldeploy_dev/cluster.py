@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from modeldeploy_dev import build, network, node, pki
+from modeldeploy_dev import build, netpol, network, node, pki
 
 APISERVER_PORT = int(os.environ.get("MODELDEPLOY_CLUSTER_PORT", "16443"))
 _ETCD_CLIENT_PORT = APISERVER_PORT - 4000
@@ -49,7 +49,7 @@ COMPONENTS = (
     "kube-proxy",
 )
 # The real node's daemons, started before kube-proxy (which takes its address from the Node).
-NODE_COMPONENTS = ("containerd", "kubelet")
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-router")
 
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
@@ -501,7 +501,14 @@ def _start_node(state: Paths) -> None:
     from modeldeploy_dev import images, registry
 
     started = time.monotonic()
+    missing = netpol.required_tools()
+    if missing:
+        raise RuntimeError(
+            f"the node's NetworkPolicy enforcer needs {' and '.join(missing)} (Debian: iptables, "
+            "ipset; `make tools` installs them)"
+        )
     build.build_node()
+    build.build_kube_router()
     address = registry.up()
     sandbox = registry.push(images.describe("pause", images.build_pause_image()))
     node_state = node.paths(state.root)
@@ -522,15 +529,26 @@ def _start_node(state: Paths) -> None:
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     _wait("the kubelet's node", node_ready, 120, state, "kubelet")
-    _log(f"node {node.NAME} Ready in {time.monotonic() - started:.1f}s")
+    # NetworkPolicy: kube-router's policy controller, once the node it enforces on is registered.
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                  "items": netpol.rbac()}))  # fmt: skip
+    _write_kubeconfig(state.component_kubeconfig("kube-router"), state, "kube-router")
+    _start(state, "kube-router", netpol.argv(state.component_kubeconfig("kube-router"), node.NAME))
+    _wait("kube-router", netpol.ready, 60, state, "kube-router")
+    _log(f"node {node.NAME} Ready, NetworkPolicy enforced, in {time.monotonic() - started:.1f}s")
 
 
 def _stop_node(state: Paths) -> None:
-    """The kubelet first, then every pod through CRI (so CNI releases their addresses), then
-    containerd; then what they leave mounted, in nftables and in cgroups."""
+    """kube-router and its rules first; then the kubelet, then every pod through CRI (so CNI
+    releases their addresses), then containerd; then what they leave mounted, in nftables and in
+    cgroups."""
     node_state = node.paths(state.root)
     if not node_state.root.is_dir():
         return
+    _stop_processes(state, ("kube-router",))
+    # Before the kubelet's chains go: those are removed by a looser rule that would leave
+    # kube-router's ipsets referenced and so undeletable.
+    netpol.clean()
     _stop_processes(state, ("kubelet",))
     node.remove_pods(node_state)
     _stop_processes(state, ("containerd",))

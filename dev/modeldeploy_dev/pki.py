@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from modeldeploy_dev import network, node
+from modeldeploy_dev import netpol, network, node
 
 _VALIDITY = datetime.timedelta(days=3650)
 
@@ -30,6 +30,8 @@ CLIENTS = (
     ("node", f"system:node:{node.NAME}", "system:nodes"),
     # The API server calling kubelets (logs, exec, port-forward).
     ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
+    # The real node's NetworkPolicy enforcer: reads pods, namespaces, policies and its node.
+    ("kube-router", netpol.USER, None),
 )
 
 

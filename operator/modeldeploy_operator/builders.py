@@ -27,6 +27,8 @@ LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_MODEL_VERSION = "modeldeploy.io/model-version"
+# Set by the API server on every namespace: a NetworkPolicy names one namespace through it.
+_NAMESPACE_NAME = "kubernetes.io/metadata.name"
 # On the pod template: changes whenever the served model does, so that pods roll.
 ANNOTATION_MODEL_DIGEST = "modeldeploy.io/model-digest"
 # On every child: a digest of what the operator applied, so that a change of the desired object
@@ -75,6 +77,14 @@ class Owner:
     name: str
     namespace: str
     uid: str
+
+
+@dataclass(frozen=True)
+class OperatorPods:
+    """Where the operator's own pods run: it scrapes the runtime pods' metrics from there."""
+
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:
@@ -529,30 +539,46 @@ def disruption_budget(owner: Owner, settings: api.DisruptionBudget) -> api.Objec
     return _object(DISRUPTION_BUDGET, owner, budget)
 
 
-def network_policy(owner: Owner, settings: api.NetworkPolicySettings) -> api.Object:
+def network_policy(
+    owner: Owner, settings: api.NetworkPolicySettings, operator: OperatorPods | None = None
+) -> api.Object:
+    """Admits `allowFrom` to the serving ports; and the operator's own pods, when it runs in
+    one, to the HTTP port, whose /metrics it scrapes for status.metrics."""
     rule: api.Object = {
         "ports": [
             {"port": paths.HTTP_PORT, "protocol": "TCP"},
             {"port": paths.GRPC_PORT, "protocol": "TCP"},
         ]
     }
+    rules = [rule]
     if settings.allow_from:
         rule["from"] = settings.allow_from
+        if operator is not None:
+            scrape = {
+                "namespaceSelector": {"matchLabels": {_NAMESPACE_NAME: operator.namespace}},
+                "podSelector": {"matchLabels": dict(operator.labels)},
+            }
+            http = {"port": paths.HTTP_PORT, "protocol": "TCP"}
+            rules.append({"from": [scrape], "ports": [http]})
     return _object(
         NETWORK_POLICY,
         owner,
         {
             "podSelector": {"matchLabels": selector_labels(owner)},
             "policyTypes": ["Ingress"],
-            "ingress": [rule],
+            "ingress": rules,
         },
     )
 
 
 def children(
-    owner: Owner, spec: api.ModelDeploymentSpec, default_image: str
+    owner: Owner,
+    spec: api.ModelDeploymentSpec,
+    default_image: str,
+    operator: OperatorPods | None = None,
 ) -> dict[Kind, api.Object]:
-    """Every child the spec asks for; a kind missing from the result is not wanted."""
+    """Every child the spec asks for; a kind missing from the result is not wanted. `operator`:
+    where the operator runs, if in a pod (its NetworkPolicy admits the operator's scrape)."""
     wanted = {
         DEPLOYMENT: deployment(owner, spec, default_image),
         SERVICE: service(owner, spec),
@@ -564,7 +590,7 @@ def children(
     if spec.disruption_budget:
         wanted[DISRUPTION_BUDGET] = disruption_budget(owner, spec.disruption_budget)
     if spec.network_policy:
-        wanted[NETWORK_POLICY] = network_policy(owner, spec.network_policy)
+        wanted[NETWORK_POLICY] = network_policy(owner, spec.network_policy, operator)
     if spec.gateway:
         wanted[HTTP_ROUTE] = http_route(owner, spec.gateway)
     return wanted

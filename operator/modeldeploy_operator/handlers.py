@@ -95,6 +95,13 @@ async def _rediscover(memo: kopf.Memo, group: str, settings: kopf.OperatorSettin
     return True
 
 
+def _operator_pods(operator: config.OperatorSettings) -> builders.OperatorPods | None:
+    """Where this operator's pods run; None outside a cluster."""
+    if operator.pod_namespace is None:
+        return None
+    return builders.OperatorPods(operator.pod_namespace, tuple(sorted(operator.pod_labels.items())))
+
+
 def _settings(memo: kopf.Memo) -> config.OperatorSettings:
     settings = memo.get("settings")
     if settings is None:
@@ -147,7 +154,7 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **indexes: Any
     # The indexes are live views: the workers and the metrics loop read them as the watches
     # last saw them (kopf runs no handler before every index is filled).
     metrics = collect.MetricsLoop(writer, indexes[_index_id(POD)], paths.HTTP_PORT)
-    reconciler = reconcile.Reconciler(client, operator.runtime_image)
+    reconciler = reconcile.Reconciler(client, operator.runtime_image, _operator_pods(operator))
     queue: Queue = workqueue.WorkQueue(permanent=kube.is_permanent)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=operator.reconcile_workers, thread_name_prefix="reconcile"

@@ -35,9 +35,15 @@ class Observed:
 
 
 class Reconciler:
-    def __init__(self, client: kube.Kube, runtime_image: str) -> None:
+    def __init__(
+        self,
+        client: kube.Kube,
+        runtime_image: str,
+        operator_pods: builders.OperatorPods | None = None,
+    ) -> None:
         self._kube = client
         self._runtime_image = runtime_image
+        self._operator_pods = operator_pods
         self._guard = threading.Lock()
         self._locks: dict[Key, threading.Lock] = {}
         # What this process last wrote, per object. The watches deliver it back a little later;
@@ -186,7 +192,7 @@ class Reconciler:
         was deleted or edited by someone else and is being repaired. A wanted kind whose API the
         cluster does not serve is added to `unserved`; the other children converge all the same.
         """
-        desired = builders.children(owner, spec, self._runtime_image)
+        desired = builders.children(owner, spec, self._runtime_image, self._operator_pods)
         current = dict(observed)
         for kind in builders.CHILD_KINDS:
             want, have = desired.get(kind), observed.get(kind)

@@ -73,6 +73,18 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = pydantic.Field(
         default=9090, ge=0, le=65535, description="serves Prometheus /metrics"
     )
+    pod_namespace: str | None = pydantic.Field(
+        default=None,
+        description="the namespace of the operator's own pod (the chart sets it from the "
+        "downward API): NetworkPolicies with allowFrom also admit the operator's pods there to "
+        "the runtime's HTTP port, which it scrapes for status.metrics (unset: outside a cluster, "
+        "no such rule)",
+    )
+    pod_labels: dict[str, str] = pydantic.Field(
+        default_factory=dict,
+        description="labels that select the operator's own pods, as JSON (the chart sets its "
+        "selector labels); with pod_namespace",
+    )
     leader_election_namespace: str | None = pydantic.Field(
         default=None,
         description="of all replicas only the one holding a Lease in this namespace acts; the "
@@ -96,7 +108,12 @@ class OperatorSettings(BaseSettings):
         return value
 
     @pydantic.field_validator(
-        "kubeconfig", "context", "prometheus_url", "leader_election_namespace", mode="before"
+        "kubeconfig",
+        "context",
+        "prometheus_url",
+        "pod_namespace",
+        "leader_election_namespace",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -172,3 +172,23 @@ def test_optional_monitoring_objects() -> None:
     assert dashboard["data"]["modeldeploy.json"] == shipped.rstrip("\n")
     namespaced = _one(render({**NAMESPACED, **EVERYTHING}), "PodMonitor")["spec"]
     assert namespaced["namespaceSelector"] == {"matchNames": ["ml", "ml-staging"]}
+
+
+def test_the_operator_knows_its_own_pods_for_the_network_policies_it_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its namespace from the downward API and exactly the labels of its pods: the
+    NetworkPolicy of a ModelDeployment admits the operator's scrape by them."""
+    from modeldeploy_operator import settings
+
+    deployment = _one(render(), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MODELDEPLOY_POD_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
+    monkeypatch.setenv("MODELDEPLOY_POD_LABELS", env["MODELDEPLOY_POD_LABELS"]["value"])
+    parsed = settings.OperatorSettings()
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert parsed.pod_labels == deployment["spec"]["selector"]["matchLabels"]
+    assert parsed.pod_labels.items() <= pod_labels.items()

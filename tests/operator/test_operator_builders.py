@@ -275,7 +275,50 @@ class TestOtherChildren:
         assert pdb["spec"]["maxUnavailable"] == "50%"
         peer = {"namespaceSelector": {"matchLabels": {"team": "ml"}}}
         policy = builders.network_policy(OWNER, api.NetworkPolicySettings(allow_from=[peer]))
-        assert policy["spec"]["ingress"][0]["from"] == [peer]
+        assert policy["spec"]["ingress"] == [
+            {"ports": [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}],
+             "from": [peer]}
+        ]  # fmt: skip
+
+    def test_a_network_policy_admits_the_operators_pods_to_the_metrics_port(self) -> None:
+        """The operator in a pod scrapes /metrics on the HTTP port for status.metrics: a policy
+        that admits only the user's clients would starve it."""
+        peer = {"namespaceSelector": {"matchLabels": {"team": "ml"}}}
+        operator = builders.OperatorPods(
+            "modeldeploy-system",
+            (("app.kubernetes.io/component", "operator"), ("app.kubernetes.io/instance", "md")),
+        )
+        settings = api.NetworkPolicySettings(allow_from=[peer])
+        clients, scrape = builders.network_policy(OWNER, settings, operator)["spec"]["ingress"]
+        assert clients["from"] == [peer]
+        assert scrape == {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "modeldeploy-system"}
+                    },
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/component": "operator",
+                            "app.kubernetes.io/instance": "md",
+                        }
+                    },
+                }
+            ],
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+        }
+        # The same through children(), as the reconciler asks for it.
+        spec = _spec(networkPolicy={"allowFrom": [peer]})
+        child = builders.children(OWNER, spec, IMAGE, operator)[builders.NETWORK_POLICY]
+        assert child["spec"]["ingress"][1] == scrape
+
+    def test_a_network_policy_open_to_all_or_off_cluster_needs_no_scrape_rule(self) -> None:
+        operator = builders.OperatorPods("modeldeploy-system", ())
+        open_to_all = builders.network_policy(OWNER, api.NetworkPolicySettings(), operator)
+        assert [rule.get("from") for rule in open_to_all["spec"]["ingress"]] == [None]
+        peer = {"podSelector": {}}
+        off_cluster = builders.network_policy(OWNER, api.NetworkPolicySettings(allow_from=[peer]))
+        assert [rule["from"] for rule in off_cluster["spec"]["ingress"]] == [[peer]]
 
     def test_http_route_to_the_services_http_port(self) -> None:
         settings = api.GatewaySettings.model_validate(
