@@ -20,6 +20,7 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "build":
         build.build_all()
         build.build_node()
+        build.build_kube_router()
     return 0
 
 
