@@ -21,6 +21,7 @@ def _cluster(args: argparse.Namespace) -> int:
         build.build_all()
         build.build_node()
         build.build_kube_router()
+        build.build_registry()
     return 0
 
 
