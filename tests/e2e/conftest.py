@@ -47,11 +47,14 @@ def prometheus_config(targets_file: Path) -> dict[str, object]:
 
 def _discover(targets_file: Path, stop: threading.Event) -> None:
     while not stop.is_set():
-        pods = json.loads(
-            localcluster.kubectl(
+        try:
+            listed = localcluster.kubectl(
                 "get", "pods", "--all-namespaces", "-l", RUNTIME_PODS, "-o", "json"
             )
-        )["items"]
+        except RuntimeError:  # the cluster going down at the end of the session
+            stop.wait(1)
+            continue
+        pods = json.loads(listed)["items"]
         groups = [
             {
                 "targets": [f"{pod['status']['podIP']}:8080"],

@@ -46,10 +46,20 @@ def _ready_once_traefik_has_looked(cluster: Cluster, namespace: str) -> dict[str
     """
     wait_for("Traefik's answer", lambda: _route_condition(
         get(cluster, namespace, "httproute", "iris"), "ResolvedRefs"), timeout=90)  # fmt: skip
-    cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
-                    f"test/touched={time.time()}")  # fmt: skip
+
+    def ready_after_a_touch() -> dict[str, Any] | None:
+        # Its cache may still lack them at the first touch: touched again every 10 s.
+        cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
+                        f"test/touched={time.time()}")  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if md := ready_md(cluster, namespace, "iris"):
+                return md
+            time.sleep(0.5)
+        return None
+
     try:
-        return wait_for("iris Ready", lambda: ready_md(cluster, namespace, "iris"), timeout=120)
+        return wait_for("iris Ready", ready_after_a_touch, timeout=120)
     except AssertionError as error:
         route = get(cluster, namespace, "httproute", "iris")
         state = (get(cluster, namespace, "md", "iris") or {}).get("status")
