@@ -16,7 +16,7 @@ from typing import Any
 
 import pydantic
 
-from modeldeploy_operator import builders, diff, kube, opmetrics, status
+from modeldeploy_operator import builders, diff, kube, opmetrics, packed, status
 from modeldeploy_operator import spec as api
 
 Key = tuple[str, str]
@@ -42,7 +42,7 @@ class Reconciler:
         self._locks: dict[Key, threading.Lock] = {}
         # What this process last wrote, per object. The watches deliver it back a little later;
         # until then what they show is stale, and acting on it alone would write twice.
-        self._written: dict[Key, api.Object] = {}
+        self._written: dict[Key, packed.Packed] = {}
         # Our last apply of a child, with the resourceVersion the watch showed when we made it.
         self._applied: dict[tuple[Key, builders.Kind], tuple[api.Object, str | None]] = {}
         # Events whose transition is written in the status but which are not posted yet: a
@@ -135,7 +135,9 @@ class Reconciler:
                 apply_error = kube.error_message(error)
 
         stored: api.Object = md.get("status") or {}
-        previous = self._written.get(key) or stored
+        written = self._written.get(key)
+        last = None if written is None else packed.unpack(written)
+        previous = last or stored
         observation = status.Observation(
             owner=owner,
             generation=md["metadata"].get("generation", 0),
@@ -152,14 +154,14 @@ class Reconciler:
         new = computed.model_dump(by_alias=True, exclude_none=True, mode="json")
         ours = {k: v for k, v in stored.items() if k not in _FOREIGN_STATUS}
         valid = spec_error is None and apply_error is None
-        if new not in (ours, self._written.get(key)):
+        if new not in (ours, last):
             event = status.transition(previous.get("conditions", []), computed)
             if event:
                 self._unposted[key] = event  # a newer transition replaces an unposted one
             # A merge patch keeps the foreign keys; keys we no longer set are removed with null.
             patch: api.Object = {k: None for k in ours if k not in new} | new
             self._kube.patch_status(owner.namespace, owner.name, patch)
-            self._written[key] = new
+            self._written[key] = packed.pack(new)
         unposted = self._unposted.get(key)
         if unposted is not None:
             try:
