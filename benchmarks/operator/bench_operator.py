@@ -15,6 +15,7 @@ give the growth per ModelDeployment between consecutive counts for both.
 from __future__ import annotations
 
 import argparse
+import datetime
 import http.server
 import json
 import os
@@ -22,6 +23,7 @@ import random
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,51 @@ def _operator_writes(audit_log: Path, offset: int, namespace: str) -> int:
             ):
                 count += 1
     return count
+
+
+# Where the time to Ready goes, per ModelDeployment, from the audit log: the operator picks up
+# the new object and applies its Deployment; the cluster (controller-manager, scheduler, KWOK)
+# rolls the Deployment out; the operator sees the rollout and writes Ready.
+PHASES = ("pickup", "rollout", "reaction")
+
+
+def _phases(audit_log: Path, offset: int, namespace: str) -> dict[str, tuple[float, float]]:
+    """Per phase, the median and the largest seconds over the ModelDeployments."""
+    times: dict[str, dict[str, float]] = {
+        "created": {},
+        "applied": {},
+        "rolled_out": {},
+        "ready": {},
+    }
+    with audit_log.open() as log:
+        log.seek(offset)
+        for line in log:
+            event = json.loads(line)
+            ref = event.get("objectRef", {})
+            if event.get("stage") != "ResponseComplete" or ref.get("namespace") != namespace:
+                continue
+            at = datetime.datetime.fromisoformat(event["stageTimestamp"]).timestamp()
+            name, resource = ref.get("name", ""), ref.get("resource")
+            subresource, verb = ref.get("subresource"), event["verb"]
+            ours = event.get("userAgent", "").startswith(OPERATOR_AGENTS)
+            if resource == "modeldeployments" and verb == "create":
+                times["created"].setdefault(name, at)
+            elif resource == "deployments" and not subresource and ours:
+                times["applied"].setdefault(name, at)
+            elif resource == "deployments" and subresource == "status" and not ours:
+                times["rolled_out"][name] = at  # the last one: the rollout's end
+            elif resource == "modeldeployments" and subresource == "status" and ours:
+                times["ready"][name] = at
+    spans: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for name, created in times["created"].items():
+        points = [created] + [times[k].get(name) for k in ("applied", "rolled_out", "ready")]
+        for phase, start, end in zip(PHASES, points, points[1:], strict=False):
+            if start is not None and end is not None:
+                spans[phase].append(max(0.0, end - start))
+    return {
+        phase: (statistics.median(values), max(values)) if values else (float("nan"),) * 2
+        for phase, values in spans.items()
+    }
 
 
 def _operator_reads() -> float:
@@ -208,7 +255,7 @@ def run(
     metrics_seconds: int,
     tracemalloc_dir: Path | None = None,
     operator_command: list[str] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     namespace = f"bench-{count}-{uuid.uuid4().hex[:6]}"
     _kubectl(kubeconfig, "create", "namespace", namespace)
     log = Path(tempfile.gettempdir()) / f"modeldeploy-bench-{namespace}.log"
@@ -270,6 +317,7 @@ def run(
         load = _load()
         time.sleep(5)  # let the last status writes settle before the steady-state window
         writes = _operator_writes(audit_log, offset, namespace)
+        phases = _phases(audit_log, offset, namespace)
         reads = _operator_reads()
         steady_offset = audit_log.stat().st_size
         time.sleep(steady_seconds)
@@ -300,6 +348,7 @@ def run(
             "writes_per_md": writes / count,
             "reads_per_md": reads / count,
             "cpu_s": cpu_s,
+            "phases": phases,
             "load": load,
             "peak_rss_mib": peak_rss,
             "rss_mib": rss,
@@ -385,6 +434,16 @@ def main() -> int:
             f"{r['cpu_s']:>6.1f} {r['peak_rss_mib']:>13.0f} {growth:>7.1f} {r['rss_mib']:>8.0f} "
             f"{r['steady_writes_per_min']:>18.1f} {r['load']:>5.1f}"
         )
+    print(
+        "\nwhere the time to Ready went, seconds per ModelDeployment, median / largest (audit "
+        "log): pickup = created to Deployment applied (operator), rollout = applied to the "
+        "Deployment's last status update (cluster), reaction = that to the last status write "
+        "(operator)"
+    )
+    print(f"{'operator':>9} {'MDs':>5} " + " ".join(f"{phase:>15}" for phase in PHASES))
+    for r in results:
+        cells = [f"{r['phases'][p][0]:6.1f} / {r['phases'][p][1]:6.1f}" for p in PHASES]
+        print(f"{r['operator']:>9} {r['count']:>5} " + " ".join(f"{c:>15}" for c in cells))
     if args.metrics_seconds:
         print(
             f"\nstatus.metrics writes per minute (interval {METRICS_INTERVAL_S}s; budget: at most "
