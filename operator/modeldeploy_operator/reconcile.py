@@ -43,8 +43,12 @@ class Reconciler:
         # What this process last wrote, per object. The watches deliver it back a little later;
         # until then what they show is stale, and acting on it alone would write twice.
         self._written: dict[Key, packed.Packed] = {}
-        # Our last apply of a child, with the resourceVersion the watch showed when we made it.
-        self._applied: dict[tuple[Key, builders.Kind], tuple[api.Object, str | None]] = {}
+        # Our last apply of a child (packed: after a burst of creations there is one per child
+        # until the watches catch up), its resourceVersion, and the one the watch showed when we
+        # made it.
+        self._applied: dict[
+            tuple[Key, builders.Kind], tuple[packed.Packed, str | None, str | None]
+        ] = {}
         # Events whose transition is written in the status but which are not posted yet: a
         # failed POST is retried with the reconcile, which would otherwise find nothing to do.
         self._unposted: dict[Key, status.Event] = {}
@@ -104,12 +108,12 @@ class Reconciler:
         entry = self._applied.get((key, kind))
         if entry is None:
             return seen
-        applied, seen_before = entry
+        applied, applied_version, seen_before = entry
         version = _revision(seen)
-        if seen is not None and (version == _revision(applied) or version != seen_before):
+        if seen is not None and (version == applied_version or version != seen_before):
             del self._applied[(key, kind)]
             return seen
-        return applied
+        return packed.unpack(applied)
 
     def _reconcile(
         self, md: Mapping[str, Any], observed: Observed, key: Key, unserved: set[builders.Kind]
@@ -205,7 +209,11 @@ class Reconciler:
                     continue
                 # Kept until the watch shows it: without managedFields, as the indexes keep it.
                 applied.get("metadata", {}).pop("managedFields", None)
-                self._applied[(key, kind)] = (applied, _revision(have))
+                self._applied[(key, kind)] = (
+                    packed.pack(applied),
+                    _revision(applied),
+                    _revision(have),
+                )
                 current[kind] = applied
                 opmetrics.CHILDREN.labels(kind.kind, _child_action(want, have, converged)).inc()
             elif action is diff.Action.DELETE:
