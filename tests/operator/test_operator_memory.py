@@ -1,4 +1,5 @@
-"""What the indexes keep of watched objects: packed, and unpacked equal to what was indexed."""
+"""What kopf and the indexes keep of watched objects: packed, unpacked equal to what was indexed,
+and no diff base (each of them a copy per object or per event)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,16 @@ def test_a_model_deployment_is_indexed_with_its_spec_and_our_status_keys() -> No
         "spec": body["spec"],
         "status": {"observedGeneration": 2, "metrics": {"rps": 1.0}},
     }
+
+
+def test_kopf_keeps_no_diff_base_as_no_handler_would_read_it() -> None:
+    """NoDiffBase spares kopf a deep copy per watch event; it holds only while no handler
+    needs change detection (on.create, on.update, on.field, timers, daemons)."""
+    registry = kopf.get_default_registry()
+    assert list(registry._changing.get_all_handlers()) == []
+    assert list(registry._spawning.get_all_handlers()) == []
+    assert list(registry._watching.get_all_handlers())  # the event handlers that queue keys
+    storage = handlers.NoDiffBase()
+    body = kopf.Body({"metadata": {"name": "iris"}, "spec": {"replicas": 2}})
+    assert storage.fetch(body=body) is None
+    assert storage.build(body=body) == {}
