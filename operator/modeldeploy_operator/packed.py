@@ -21,7 +21,7 @@ Packed = NewType("Packed", bytes)
 
 
 def pack(obj: api.Object) -> Packed:
-    """`obj` as compressed JSON (its keys in their order: equal objects pack equal)."""
+    """`obj` as compressed JSON, its keys in their order (the same object packs the same)."""
     return Packed(zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 1))
 
 
