@@ -1,15 +1,21 @@
 """Operator scale benchmark: N ModelDeployments against the local control plane.
 
 Prints, per N: seconds until every child exists, seconds until every ModelDeployment is Ready
-(for its current generation), the operator's writes and reads per ModelDeployment, its peak RSS,
-and its writes per minute at steady state. Not a test; run it on a quiet machine:
+(for its current generation), the operator's writes and reads per ModelDeployment, its CPU
+seconds until then, its peak RSS, its writes per minute at steady state, and the machine's load
+average. Not a test; run it on a quiet machine:
 
     .venv/bin/python benchmarks/operator/bench_operator.py --counts 500 1000
+
+`--baseline OTHER_CHECKOUT` runs that checkout's operator (its .venv) at every count too, right
+after this one's, so that a change is measured before and after in one run; the tables then
+give the growth per ModelDeployment between consecutive counts for both.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import http.server
 import json
 import os
@@ -17,6 +23,7 @@ import random
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +67,60 @@ def _operator_writes(audit_log: Path, offset: int, namespace: str) -> int:
     return count
 
 
+# Where the time to Ready goes, per ModelDeployment, from the audit log: the operator picks up
+# the new object and applies its Deployment; the cluster (controller-manager, scheduler, KWOK)
+# rolls the Deployment out; the operator sees the rollout and writes Ready.
+PHASES = ("pickup", "rollout", "reaction")
+
+
+def _phases(audit_log: Path, offset: int, namespace: str) -> dict[str, tuple[float, float]]:
+    """Per phase, the median and the largest seconds over the ModelDeployments; under "write",
+    the median and the 95th percentile of the API server's time to answer the operator's
+    writes."""
+    times: dict[str, dict[str, float]] = {
+        "created": {},
+        "applied": {},
+        "rolled_out": {},
+        "ready": {},
+    }
+    latencies = []
+    with audit_log.open() as log:
+        log.seek(offset)
+        for line in log:
+            event = json.loads(line)
+            ref = event.get("objectRef", {})
+            if event.get("stage") != "ResponseComplete" or ref.get("namespace") != namespace:
+                continue
+            at = datetime.datetime.fromisoformat(event["stageTimestamp"]).timestamp()
+            name, resource = ref.get("name", ""), ref.get("resource")
+            subresource, verb = ref.get("subresource"), event["verb"]
+            ours = event.get("userAgent", "").startswith(OPERATOR_AGENTS)
+            if ours and verb in WRITE_VERBS and "requestReceivedTimestamp" in event:
+                received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"])
+                latencies.append(at - received.timestamp())
+            if resource == "modeldeployments" and verb == "create":
+                times["created"].setdefault(name, at)
+            elif resource == "deployments" and not subresource and ours:
+                times["applied"].setdefault(name, at)
+            elif resource == "deployments" and subresource == "status" and not ours:
+                times["rolled_out"][name] = at  # the last one: the rollout's end
+            elif resource == "modeldeployments" and subresource == "status" and ours:
+                times["ready"][name] = at
+    spans: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for name, created in times["created"].items():
+        points = [created] + [times[k].get(name) for k in ("applied", "rolled_out", "ready")]
+        for phase, start, end in zip(PHASES, points, points[1:], strict=False):
+            if start is not None and end is not None:
+                spans[phase].append(max(0.0, end - start))
+    result = {
+        phase: (statistics.median(values), max(values)) if values else (float("nan"),) * 2
+        for phase, values in spans.items()
+    }
+    if len(latencies) > 1:
+        result["write"] = (statistics.median(latencies), statistics.quantiles(latencies, n=20)[-1])
+    return result
+
+
 def _operator_reads() -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as page:
         text = page.read().decode()
@@ -83,6 +144,16 @@ def _peak_rss_mib(pid: int) -> float:
 
 def _rss_mib(pid: int) -> float:
     return _status_mib(pid, "VmRSS")
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds of the process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 class _LoopbackOnlyServer(http.server.ThreadingHTTPServer):
@@ -193,7 +264,7 @@ def run(
     metrics_seconds: int,
     tracemalloc_dir: Path | None = None,
     operator_command: list[str] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     namespace = f"bench-{count}-{uuid.uuid4().hex[:6]}"
     _kubectl(kubeconfig, "create", "namespace", namespace)
     log = Path(tempfile.gettempdir()) / f"modeldeploy-bench-{namespace}.log"
@@ -251,8 +322,11 @@ def run(
         children_s = time.monotonic() - started
         _wait("Ready", all_ready, deadline)
         ready_s = time.monotonic() - started
+        cpu_s = _cpu_s(operator.pid)
+        load = _load()
         time.sleep(5)  # let the last status writes settle before the steady-state window
         writes = _operator_writes(audit_log, offset, namespace)
+        phases = _phases(audit_log, offset, namespace)
         reads = _operator_reads()
         steady_offset = audit_log.stat().st_size
         time.sleep(steady_seconds)
@@ -261,7 +335,12 @@ def run(
         rss = _rss_mib(operator.pid)
         if tracemalloc_dir is not None:
             operator.send_signal(signal.SIGUSR1)
-            time.sleep(5)
+            # traced.py writes the traceback listing last.
+            _wait(
+                "the tracemalloc dump",
+                lambda: any(tracemalloc_dir.glob(f"{namespace}-*-by-traceback.txt")),
+                time.monotonic() + 300,
+            )
         metric_writes = {
             fluctuate: _metric_writes_per_min(
                 kubeconfig, audit_log, namespace, fluctuate, metrics_seconds
@@ -277,6 +356,9 @@ def run(
             "ready_s": ready_s,
             "writes_per_md": writes / count,
             "reads_per_md": reads / count,
+            "cpu_s": cpu_s,
+            "phases": phases,
+            "load": load,
             "peak_rss_mib": peak_rss,
             "rss_mib": rss,
             "steady_writes_per_min": steady_writes * 60 / steady_seconds,
@@ -310,6 +392,12 @@ def main() -> int:
         help="how to start `modeldeploy` (default: this virtualenv's), e.g. to measure another "
         "checkout",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run this checkout's operator (CHECKOUT/.venv/bin/modeldeploy) at every count",
+    )
     args = parser.parse_args()
     state = localcluster.up()
     # The CRD, as the chart or `kubectl apply -f crds/` installs it.
@@ -318,43 +406,75 @@ def main() -> int:
         state.kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
         "crd/modeldeployments.modeldeploy.io",
     )  # fmt: skip
-    results = [
-        run(
+    operators = {"this": args.operator_command}
+    if args.baseline is not None:
+        operators["baseline"] = [str(args.baseline / ".venv/bin/modeldeploy")]
+    results: list[dict[str, Any]] = [
+        {"operator": label}
+        | run(
             count,
             state.kubeconfig,
             state.audit_log,
             args.steady_seconds,
             args.metrics_seconds,
-            args.tracemalloc,
-            args.operator_command,
+            args.tracemalloc if label == "this" else None,
+            command,
         )
         for count in args.counts
+        for label, command in operators.items()
     ]
     print(
-        f"{'MDs':>5} {'create s':>9} {'children s':>11} {'Ready s':>8} {'writes/MD':>10} "
-        f"{'reads/MD':>9} {'peak RSS MiB':>13} {'RSS MiB':>8} {'steady writes/min':>18}"
+        f"{'operator':>9} {'MDs':>5} {'create s':>9} {'children s':>11} {'Ready s':>8} "
+        f"{'writes/MD':>10} {'reads/MD':>9} {'CPU s':>6} {'peak RSS MiB':>13} "
+        f"{'KiB/MD':>7} {'RSS MiB':>8} {'steady writes/min':>18} {'load':>5}"
     )
+    previous: dict[str, dict[str, Any]] = {}
     for r in results:
+        before = previous.get(r["operator"])
+        growth = (
+            (r["peak_rss_mib"] - before["peak_rss_mib"]) * 1024 / (r["count"] - before["count"])
+            if before is not None and r["count"] != before["count"]
+            else float("nan")
+        )
+        previous[r["operator"]] = r
         print(
-            f"{r['count']:>5} {r['create_s']:>9.1f} {r['children_s']:>11.1f} {r['ready_s']:>8.1f} "
-            f"{r['writes_per_md']:>10.2f} {r['reads_per_md']:>9.2f} {r['peak_rss_mib']:>13.0f} "
-            f"{r['rss_mib']:>8.0f} {r['steady_writes_per_min']:>18.1f}"
+            f"{r['operator']:>9} {r['count']:>5} {r['create_s']:>9.1f} {r['children_s']:>11.1f} "
+            f"{r['ready_s']:>8.1f} {r['writes_per_md']:>10.2f} {r['reads_per_md']:>9.2f} "
+            f"{r['cpu_s']:>6.1f} {r['peak_rss_mib']:>13.0f} {growth:>7.1f} {r['rss_mib']:>8.0f} "
+            f"{r['steady_writes_per_min']:>18.1f} {r['load']:>5.1f}"
         )
     print(
-        f"\nstatus.metrics writes per minute (interval {METRICS_INTERVAL_S}s; budget: at most one "
-        "write per ModelDeployment per interval, only on a change of more than 10%)"
+        "\nwhere the time to Ready went, seconds per ModelDeployment, median / largest (audit "
+        "log): pickup = created to Deployment applied (operator), rollout = applied to the "
+        "Deployment's last status update (cluster), reaction = that to the last status write "
+        "(operator); write = the API server's time per write of the operator"
     )
     print(
-        f"{'MDs':>5} {'steady traffic':>15} {'fluctuating traffic':>20} {'budget':>7} "
-        f"{'RSS MiB':>8}"
+        f"{'operator':>9} {'MDs':>5} "
+        + " ".join(f"{phase:>15}" for phase in PHASES)
+        + f" {'write s p50/p95':>17}"
     )
     for r in results:
-        budget = r["count"] * 60 / METRICS_INTERVAL_S
+        write = r["phases"].get("write", (float("nan"),) * 2)
+        cells = [f"{r['phases'][p][0]:6.1f} / {r['phases'][p][1]:6.1f}" for p in PHASES]
+        cells.append(f"{write[0]:7.3f} / {write[1]:7.3f}")
+        print(f"{r['operator']:>9} {r['count']:>5} " + " ".join(f"{c:>15}" for c in cells))
+    if args.metrics_seconds:
         print(
-            f"{r['count']:>5} {r['metric_writes_steady_traffic']:>15.1f} "
-            f"{r['metric_writes_fluctuating']:>20.1f} {budget:>7.0f} "
-            f"{r['metrics_peak_rss_mib']:>8.0f}"
+            f"\nstatus.metrics writes per minute (interval {METRICS_INTERVAL_S}s; budget: at most "
+            "one write per ModelDeployment per interval, only on a change of more than 10%)"
         )
+        print(
+            f"{'operator':>9} {'MDs':>5} {'steady traffic':>15} {'fluctuating traffic':>20} "
+            f"{'budget':>7} {'RSS MiB':>8}"
+        )
+        for r in results:
+            budget = r["count"] * 60 / METRICS_INTERVAL_S
+            print(
+                f"{r['operator']:>9} {r['count']:>5} {r['metric_writes_steady_traffic']:>15.1f} "
+                f"{r['metric_writes_fluctuating']:>20.1f} {budget:>7.0f} "
+                f"{r['metrics_peak_rss_mib']:>8.0f}"
+            )
     return 0
 
 

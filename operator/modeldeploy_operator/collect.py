@@ -298,12 +298,12 @@ class MetricsLoop:
     def __init__(
         self,
         writer: MetricsWriter,
-        pods: Mapping[Key, Iterable[Mapping[str, Any]]],
+        pods: Callable[[Key], Iterable[Mapping[str, Any]]],
         http_port: int,
         concurrency: int = 32,
     ) -> None:
         self.writer = writer
-        self._pods = pods
+        self._pods = pods  # a ModelDeployment's pods, as the watch last saw them
         self._http_port = http_port
         self._limit = asyncio.Semaphore(concurrency)
         # ModelDeployment -> (model name, its status.metrics as last seen)
@@ -325,7 +325,7 @@ class MetricsLoop:
         then (a hung pod's ModelDeployment) is cancelled, and the next round starts on time."""
         deadline = time.monotonic() + self.writer.interval
         targets = [
-            (Target(*key, model, ready_pod_urls(list(self._pods.get(key, [])), self._http_port)), w)
+            (Target(*key, model, ready_pod_urls(self._pods(key), self._http_port)), w)
             for key, (model, w) in list(self._targets.items())
         ]
         source = self.writer.source_name

@@ -12,7 +12,8 @@ stored. kopf decodes every watch event into a body and keeps it while the object
 handlers that waited for a reconcile kept a thousand bodies (and, with kopf's change-detection
 handlers, a thousand status patches on as many TLS connections) alive at once. So nothing waits
 in a handler, kopf writes nothing (no change-detection handlers, no bookkeeping), and the indexes
-hold only what the reconciler and the status computation read.
+hold only what the reconciler and the status computation read, packed (packed.py): at a few
+thousand ModelDeployments the stored objects as dicts were most of the memory.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from modeldeploy_contract import paths
-from modeldeploy_operator import builders, collect, kube, reconcile, workqueue
+from modeldeploy_operator import builders, collect, kube, packed, reconcile, workqueue
 from modeldeploy_operator import settings as config
 from modeldeploy_operator import spec as api
 
@@ -119,6 +120,27 @@ def _index_id(kind: builders.Kind) -> str:
     return f"{kind.plural}_index"
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No base for kopf's change detection: the operator has no change-detection handlers
+    (on.create, on.update, on.field and the like), which alone read it.
+
+    For every watch event kopf builds the object's "essence" (a deep copy of its body, then the
+    copy's progress fields cleared) and diffs it with the stored one: at a thousand
+    ModelDeployments that was 40% of kopf's time per event, for nothing. A change-detection
+    handler added later needs the default storage back."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # kopf would post an Event per handler run; the reconciler posts Events on transitions only.
@@ -130,8 +152,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # logs the 403s and falls back to what it does now: namespaces given by exact name only.
     # A CRD installed after the start is found by asking discovery again (see _rediscover).
     settings.scanning.disabled = True
-    # An object's kopf worker (and the last body it saw) lingers this long after its last event.
-    settings.queueing.idle_timeout = 1.0
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # An object's kopf worker (and the last body it saw) lingers this long after its last event:
+    # in a burst (thousands of ModelDeployments applied at once, their children and pods rolling
+    # out) the bodies alive are the events of this many seconds. A worker started again costs
+    # less than keeping a body of tens of KiB.
+    settings.queueing.idle_timeout = 0.2
     # A watch that cannot reconnect tries these intervals over and over: after an outage the
     # operator hears of what changed within 5 s (kopf's default goes up to 21 s).
     settings.networking.error_backoffs = (1, 1, 2, 3, 5)
@@ -153,7 +179,10 @@ async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **indexes: Any
     writer = collect.MetricsWriter(source, write, operator.metrics_interval)
     # The indexes are live views: the workers and the metrics loop read them as the watches
     # last saw them (kopf runs no handler before every index is filled).
-    metrics = collect.MetricsLoop(writer, indexes[_index_id(POD)], paths.HTTP_PORT)
+    pod_index = indexes[_index_id(POD)]
+    metrics = collect.MetricsLoop(
+        writer, lambda key: [packed.unpack(p) for p in pod_index.get(key, [])], paths.HTTP_PORT
+    )
     reconciler = reconcile.Reconciler(client, operator.runtime_image, _operator_pods(operator))
     queue: Queue = workqueue.WorkQueue(permanent=kube.is_permanent)
     executor = concurrent.futures.ThreadPoolExecutor(
@@ -224,7 +253,7 @@ async def _reconcile(
     mds = list(indexes["model_deployments_index"].get(key, []))
     if not mds:
         return set()  # deleted meanwhile: the garbage collector removes the children
-    md = mds[0]
+    md = packed.unpack(mds[0])
     observed = _observed(indexes, key, md["metadata"]["uid"])
 
     def run() -> set[builders.Kind]:
@@ -270,7 +299,7 @@ def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.Co
     )
 
 
-def _slim_model_deployment(body: kopf.Body) -> api.Object:
+def _slim_model_deployment(body: kopf.Body) -> packed.Packed:
     """What reconciling reads of a ModelDeployment: its identity, spec and our status keys."""
     meta = body.metadata
     metadata = {
@@ -278,34 +307,39 @@ def _slim_model_deployment(body: kopf.Body) -> api.Object:
         for key in ("name", "namespace", "uid", "generation", "deletionTimestamp")
         if key in meta
     }
-    status = {k: copy.deepcopy(v) for k, v in body.status.items() if k != "kopf"}
-    return {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "metadata": metadata,
-        "spec": copy.deepcopy(dict(body.spec)),
-        "status": status,
-    }
+    return packed.pack(
+        {
+            "apiVersion": body["apiVersion"],
+            "kind": body["kind"],
+            "metadata": metadata,
+            "spec": body.get("spec", {}),
+            "status": {k: v for k, v in body.status.items() if k != "kopf"},
+        }
+    )
 
 
-def _slim_child(body: kopf.Body, keep_status: bool) -> api.Object:
+def _slim_child(body: kopf.Body, keep_status: bool) -> packed.Packed:
     """A child as the diff reads it: without managedFields (often the largest part), and without
     status unless the status computation reads it (the Deployment's and the HTTPRoute's)."""
-    child = {k: copy.deepcopy(v) for k, v in body.items() if k != "status" or keep_status}
-    child["metadata"].pop("managedFields", None)
-    return child
+    child = {k: v for k, v in body.items() if k != "status" or keep_status}
+    child["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    return packed.pack(child)
+
+
+# The index functions are coroutines, though they await nothing: kopf runs a plain function in a
+# thread (a hand-over and back per watch event and index), and these take tens of microseconds.
 
 
 @kopf.index(*_MD)
-def model_deployments_index(
+async def model_deployments_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[Key, api.Object]:
+) -> dict[Key, packed.Packed]:
     return {(namespace or "", name): _slim_model_deployment(body)}
 
 
-def _index_child(
+async def _index_child(
     resource: kopf.Resource, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[Key, api.Object]:
+) -> dict[Key, packed.Packed]:
     instance = labels.get(builders.LABEL_INSTANCE)
     if not instance:
         return {}
@@ -313,9 +347,9 @@ def _index_child(
     return {(namespace or "", instance): _slim_child(body, keep_status)}
 
 
-def _index_pod(
+async def _index_pod(
     namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
-) -> dict[Key, api.Object]:
+) -> dict[Key, packed.Packed]:
     instance = labels.get(builders.LABEL_INSTANCE)
     if not instance:
         return {}
@@ -332,7 +366,7 @@ def _index_pod(
         },
         "status": _slim_pod_status(status),
     }
-    return {(namespace or "", instance): summary}
+    return {(namespace or "", instance): packed.pack(summary)}
 
 
 _CONDITION_KEYS = ("type", "status", "reason", "message")
@@ -382,13 +416,14 @@ kopf.index(POD.api_version, POD.plural, labels=_MANAGED, id=_index_id(POD))(_ind
 def _observed(indexes: Mapping[str, Any], key: Key, uid: str) -> reconcile.Observed:
     children = {}
     for kind in builders.CHILD_KINDS:
-        candidates = list(indexes[_index_id(kind)].get(key, []))
+        candidates = [packed.unpack(c) for c in indexes[_index_id(kind)].get(key, [])]
         # After a delete and re-create under the same name, the old children linger until the
         # garbage collector gets to them: prefer the ones owned by this object.
         owned = [c for c in candidates if builders.owned_by(c, uid)]
         if owned or candidates:
             children[kind] = (owned or candidates)[0]
-    return reconcile.Observed(children=children, pods=list(indexes[_index_id(POD)].get(key, [])))
+    pods = [packed.unpack(p) for p in indexes[_index_id(POD)].get(key, [])]
+    return reconcile.Observed(children=children, pods=pods)
 
 
 @kopf.on.event(*_MD, id="model_deployment_changed")

@@ -171,10 +171,12 @@ def _retry_after(error: k8s.ApiException, attempt: int) -> float:
 
 
 class Kube:
-    """Blocking requests (kopf runs the reconciler in a thread pool); urllib3 keeps a pool of
-    connections, as many as there are threads."""
+    """Blocking requests (kopf runs the reconciler in a thread pool); urllib3 keeps up to `pool`
+    connections open, opened as threads need them: room for one per reconcile worker (at most
+    64, see settings) and for the metrics writes. A request past the pool would open a connection
+    (a TLS handshake) and drop it after."""
 
-    def __init__(self, loaded: k8s.Configuration, timeout: float = 30.0, pool: int = 16) -> None:
+    def __init__(self, loaded: k8s.Configuration, timeout: float = 30.0, pool: int = 80) -> None:
         # Connections that failed are retried, requests that were sent only when idempotent;
         # statuses (429) are ours to handle.
         loaded.retries = urllib3.Retry(

