@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from modeldeploy_dev import build
+from modeldeploy_dev.images import Image
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "modeldeploy"
 
@@ -24,6 +25,19 @@ def helm(
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def image_values(images: dict[str, Image], pushed: dict[str, str]) -> dict[str, Any]:
+    """The chart's image values for the images built here, as the local registry holds them
+    (`pushed`: each target's reference there), namespaced: the operator watches what it is told."""
+    registry = pushed["operator"].partition("/")[0]
+    return {
+        "image.repository": f"{registry}/{images['operator'].name}",
+        "image.tag": images["operator"].tag,
+        "runtimeImage.repository": f"{registry}/{images['runtime'].name}",
+        "runtimeImage.tag": images["runtime"].tag,
+        "rbac.scope": "namespace",
+    }
 
 
 def set_flags(values: dict[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ import test_e2e_node as node_tests
 import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
-from chart_helm import CHART, helm, set_flags
+from chart_helm import CHART, helm, image_values, set_flags
 from modeldeploy_dev import cluster as localcluster
 from modeldeploy_dev import images as localimages
 from operator_helpers import apply_md, get, place_on_node, ready_md, wait_for
@@ -228,13 +228,7 @@ def test_the_operator_in_a_pod_still_scrapes_status_metrics_under_the_policy(
     operators, served = other_namespace, namespace
     for name in (operators, served):
         place_on_node(cluster, name)
-    registry = pushed_images["operator"].partition("/")[0]
-    values = {
-        "image.repository": f"{registry}/{images['operator'].name}",
-        "image.tag": images["operator"].tag,
-        "runtimeImage.repository": f"{registry}/{images['runtime'].name}",
-        "runtimeImage.tag": images["runtime"].tag,
-        "rbac.scope": "namespace",
+    values = image_values(images, pushed_images) | {
         "watchNamespaces": [served],
         "replicaCount": 1,
         "metricsInterval": 2,

@@ -19,7 +19,7 @@ import pytest
 import tritonclient.http as triton_http
 from kopf.testing import KopfRunner
 
-from chart_helm import CHART, helm, set_flags
+from chart_helm import CHART, helm, image_values, set_flags
 from modeldeploy_dev import cluster as localcluster
 from modeldeploy_dev import images as localimages
 from modeldeploy_dev import ingress, network, node
@@ -158,13 +158,7 @@ def test_the_chart_runs_two_operators_in_pods_that_serve_through_traefik_and_han
     operators, served = other_namespace, namespace
     for name in (operators, served):
         place_on_node(cluster, name)
-    registry = pushed_images["operator"].partition("/")[0]
-    values = {
-        "image.repository": f"{registry}/{images['operator'].name}",
-        "image.tag": images["operator"].tag,
-        "runtimeImage.repository": f"{registry}/{images['runtime'].name}",
-        "runtimeImage.tag": images["runtime"].tag,
-        "rbac.scope": "namespace",
+    values = image_values(images, pushed_images) | {
         "watchNamespaces": [served],
     }
     release = f"md-{operators[-6:]}"
