@@ -33,6 +33,42 @@ def install_crd(cluster: Cluster) -> None:
     )
 
 
+def ready_through_route(
+    cluster: Cluster, namespace: str, name: str, timeout: float = 150
+) -> dict[str, Any]:
+    """Waits for a ModelDeployment served through an HTTPRoute to be Ready.
+
+    Traefik may judge a route before its cache has the Service's EndpointSlices ("endpointslices
+    not found": seen just after Traefik starts, and on a loaded machine) and not look again until
+    the route changes. So while the route's refs are unresolved it is touched (an annotation, not
+    a field of ours) every 10 s; the operator's status must then follow.
+    """
+    touched = 0.0
+
+    def probe() -> dict[str, Any] | None:
+        nonlocal touched
+        if md := ready_md(cluster, namespace, name):
+            return md
+        route = get(cluster, namespace, "httproute", name) or {}
+        unresolved = any(
+            c["type"] == "ResolvedRefs" and c["status"] == "False"
+            for parent in route.get("status", {}).get("parents", [])
+            for c in parent.get("conditions", [])
+        )
+        if unresolved and time.monotonic() - touched > 10:
+            cluster.kubectl("annotate", "--overwrite", "httproute", name, "-n", namespace,
+                            f"test/touched={time.time()}")  # fmt: skip
+            touched = time.monotonic()
+        return None
+
+    try:
+        return wait_for(f"{name} Ready", probe, timeout=timeout)
+    except AssertionError as error:
+        route = get(cluster, namespace, "httproute", name)
+        state = (get(cluster, namespace, "md", name) or {}).get("status")
+        raise AssertionError(f"{error}\nstatus: {state}\nroute: {route}") from None
+
+
 def place_on_node(cluster: Cluster, namespace: str, restricted: bool = True) -> None:
     """Every pod created in the namespace from now on runs on the local cluster's real node (its
     placement policy), under pod-security `restricted` unless told otherwise."""

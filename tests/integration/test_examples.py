@@ -8,7 +8,7 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
-from operator_helpers import get, ready_md, wait_for
+from operator_helpers import get, ready_md, ready_through_route, wait_for
 from support import Cluster
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
@@ -31,9 +31,13 @@ def test_every_example_has_a_child_list() -> None:
 def test_example_is_reconciled_to_ready(
     example: Path, cluster: Cluster, namespace: str, operator: KopfRunner
 ) -> None:
-    name = yaml.safe_load(example.read_text())["metadata"]["name"]
+    manifest = yaml.safe_load(example.read_text())
+    name = manifest["metadata"]["name"]
     cluster.kubectl("apply", "-n", namespace, "-f", str(example))
-    md = wait_for(f"{example.name} Ready", lambda: ready_md(cluster, namespace, name), timeout=90)
+    if "gateway" in manifest["spec"]:
+        md = ready_through_route(cluster, namespace, name)
+    else:
+        md = wait_for(f"{name} Ready", lambda: ready_md(cluster, namespace, name), timeout=90)
     for kind in CHILDREN.get(example.name, ["deployment", "service"]):
         child = get(cluster, namespace, kind, name)
         assert child is not None, f"{example.name}: no {kind}"

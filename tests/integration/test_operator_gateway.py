@@ -4,7 +4,6 @@ status says so. (tests/e2e/test_e2e_gateway.py sends traffic through it.)"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,15 @@ from kopf.testing import KopfRunner
 
 from modeldeploy_dev import build, ingress
 from modeldeploy_dev import cluster as localcluster
-from operator_helpers import OperatorProcess, apply_md, condition, get, ready_md, wait_for
+from operator_helpers import (
+    OperatorProcess,
+    apply_md,
+    condition,
+    get,
+    ready_md,
+    ready_through_route,
+    wait_for,
+)
 from support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -34,36 +41,6 @@ def _route_condition(route: dict[str, Any] | None, kind: str) -> str | None:
                 if reported["type"] == kind:
                     return str(reported["status"])
     return None
-
-
-def _ready_once_traefik_has_looked(cluster: Cluster, namespace: str) -> dict[str, Any]:
-    """Waits for iris Ready through its route.
-
-    Traefik may judge a route before its cache has the Service's EndpointSlices ("endpointslices
-    not found": seen just after Traefik starts, and on a loaded machine) and not look again until
-    the route changes. So once it has answered, a touch of the route (not a field of ours) has it
-    look again; the operator's status must then follow.
-    """
-    wait_for("Traefik's answer", lambda: _route_condition(
-        get(cluster, namespace, "httproute", "iris"), "ResolvedRefs"), timeout=90)  # fmt: skip
-
-    def ready_after_a_touch() -> dict[str, Any] | None:
-        # Its cache may still lack them at the first touch: touched again every 10 s.
-        cluster.kubectl("annotate", "--overwrite", "httproute", "iris", "-n", namespace,
-                        f"test/touched={time.time()}")  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if md := ready_md(cluster, namespace, "iris"):
-                return md
-            time.sleep(0.5)
-        return None
-
-    try:
-        return wait_for("iris Ready", ready_after_a_touch, timeout=120)
-    except AssertionError as error:
-        route = get(cluster, namespace, "httproute", "iris")
-        state = (get(cluster, namespace, "md", "iris") or {}).get("status")
-        raise AssertionError(f"{error}\nstatus: {state}\nroute: {route}") from None
 
 
 def test_the_route_is_owned_accepted_by_traefik_feeds_ready_and_is_pruned(
@@ -87,7 +64,7 @@ def test_the_route_is_owned_accepted_by_traefik_feeds_ready_and_is_pruned(
     )
 
     apply_md(cluster, namespace, "iris", SPEC)
-    md = _ready_once_traefik_has_looked(cluster, namespace)
+    md = ready_through_route(cluster, namespace, "iris")
     route = get(cluster, namespace, "httproute", "iris")
     assert route is not None
     (owner,) = route["metadata"]["ownerReferences"]
@@ -159,7 +136,7 @@ def test_the_gateway_api_installed_after_the_start_is_picked_up_without_a_restar
             timeout=90,
         )
         ingress.up(localcluster.paths(), build.binaries())  # the CRDs, Traefik and its Gateway
-        md = _ready_once_traefik_has_looked(cluster, namespace)
+        md = ready_through_route(cluster, namespace, "iris")
         assert md["status"]["url"] == "http://iris.example.com/iris/v2/models/iris"
         assert condition(md, "Stalled").get("status") != "True"
         route = get(cluster, namespace, "httproute", "iris")
